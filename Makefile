@@ -1,0 +1,41 @@
+# gpuforge: `make demo` and `make test` do all their own set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test unit integration bench sysdeps venv clean
+
+venv: $(STAMP)
+
+# The virtualenv, rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[train,cloud,dev]'
+	touch $(STAMP)
+
+# OpenSSH server for the embedded local cluster (each node is a real sshd).
+sysdeps:
+	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
+	  echo "installing openssh-server (the local cluster's nodes are real sshd processes)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server >/dev/null; }
+
+demo: $(STAMP) sysdeps
+	$(BIN)/python -m provision.demo
+
+test: $(STAMP) sysdeps
+	$(BIN)/python -m pytest -q tests
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP) sysdeps
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: $(STAMP) sysdeps
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,21 @@
+"""Errors raised by the infra layer; the CLI turns each into one clear line."""
+
+
+class InfraError(Exception):
+    """Base class for infra errors."""
+
+
+class SpecError(InfraError, ValueError):
+    """A cluster specification value is invalid; the message names it and the valid choices."""
+
+
+class CatalogError(SpecError):
+    """An instance type, region, zone or accelerator is not in the catalog."""
+
+
+class ClusterError(InfraError):
+    """A cluster cannot be created, read or destroyed."""
+
+
+class SshdMissingError(ClusterError):
+    """The OpenSSH server the local cluster needs is not installed."""
