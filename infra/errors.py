@@ -19,3 +19,7 @@ class ClusterError(InfraError):
 
 class SshdMissingError(ClusterError):
     """The OpenSSH server the local cluster needs is not installed."""
+
+
+class SweepError(InfraError):
+    """Listing or deleting a cluster's leftover cloud resources failed."""

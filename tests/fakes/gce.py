@@ -1,0 +1,456 @@
+"""A local Compute Engine v1 REST endpoint for the real google-cloud-compute client.
+
+One stdlib HTTP server in a thread, state in dicts. It speaks enough of the API for the
+leftover sweep and image baking: instances (insert/get/list/aggregatedList/delete/stop/start/
+setLabels), disks, firewalls, networks, subnetworks, addresses, resourcePolicies, images
+(insert from a disk, get, list, getFromFamily, delete) and zone/region/global operations
+(get, wait). Lists page with maxResults/pageToken and take `filter` terms such as
+`labels.KEY = VALUE`, `labels.KEY:*`, `name eq REGEX` and `family = X`, ANDed.
+
+    with FakeCompute(project="p") as gce:
+        disks = compute_v1.DisksClient(**gce.client_kwargs())
+        gce.seed("disks", "zones/us-central1-a", {"name": "d1", "labels": {"k": "v"}})
+        assert gce.names("disks") == {"d1"}
+
+Operations are DONE at once. With `pending_polls=N` they report RUNNING for N polls and
+their effect (create, delete) lands only when they finish, as on the real API; a caller that
+does not wait sees the old state. Deleting a disk that an instance uses, or a network that a
+firewall, subnetwork or instance uses, fails with 400 resourceInUseByAnotherResource.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from datetime import datetime, timedelta, timezone
+from fnmatch import fnmatchcase
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlparse
+
+API_ROOT = "https://www.googleapis.com/compute/v1/"  # what real selfLinks start with
+SCOPED = {"instances": "zones", "disks": "zones", "subnetworks": "regions", "addresses": "regions",
+          "resourcePolicies": "regions", "firewalls": "global", "networks": "global", "images": "global"}
+SINGULAR = {"instances": "instance", "disks": "disk", "subnetworks": "subnetwork", "addresses": "address",
+            "resourcePolicies": "resourcePolicy", "firewalls": "firewall", "networks": "network",
+            "images": "image"}
+MAX_RESULTS = 500  # the API's default and maximum page size for list calls
+TERM = re.compile(r'\s*\(?\s*([A-Za-z][\w.\-]*)\s*(!=|=|:|\beq\b|\bne\b)\s*("(?:[^"\\]|\\.)*"|[^\s()]+)\s*\)?\s*(?:AND\s+)?')
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def body(self) -> dict:
+        err = {"message": self.message, "domain": "global", "reason": self.reason}
+        return {"error": {"code": self.code, "message": self.message, "errors": [err]}}
+
+
+def parse_filter(text: str) -> list[tuple[str, str, str]]:
+    """`labels.a = b (name eq x-.*)` -> [("labels.a", "=", "b"), ("name", "eq", "x-.*")]."""
+    terms, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        m = TERM.match(text, pos)
+        if not m or m.end() == pos:
+            raise ApiError(400, "invalid", f"Invalid value for field 'filter': '{text}'.")
+        value = m.group(3)
+        if value.startswith('"'):
+            value = json.loads(value)
+        terms.append((m.group(1), m.group(2), value))
+        pos = m.end()
+    return terms
+
+
+def field_value(resource: dict, path: str) -> Any:
+    if path.startswith("labels."):
+        return resource.get("labels", {}).get(path[len("labels."):])
+    value: Any = resource
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def matches(resource: dict, terms: list[tuple[str, str, str]]) -> bool:
+    for path, op, want in terms:
+        value = field_value(resource, path)
+        text = str(value).lower() if isinstance(value, bool) else ("" if value is None else str(value))
+        if op == ":":
+            ok = value is not None if want == "*" else fnmatchcase(text, want)
+        elif op in ("=", "!="):
+            ok = (value is not None and text == want) == (op == "=")
+        else:
+            ok = (value is not None and re.fullmatch(want, text) is not None) == (op == "eq")
+        if not ok:
+            return False
+    return True
+
+
+def last(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+class FakeCompute:
+    """State: `store[collection][(project, scope)][name] -> resource dict` (scope `zones/Z`,
+    `regions/R` or `global`); `operations[name]`; `requests` logs (method, path)."""
+
+    def __init__(self, project: str = "fake-project", pending_polls: int = 0):
+        self.project = project
+        self.pending_polls = pending_polls
+        self.store: dict[str, dict[tuple[str, str], dict[str, dict]]] = {c: {} for c in SCOPED}
+        self.operations: dict[str, dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.RLock()
+        self._ids = itertools.count(1000)
+        self._epoch = datetime.now(timezone.utc)
+        self._commits: dict[str, Callable[[], None]] = {}
+        self._pending: dict[str, int] = {}
+        self._httpd: ThreadingHTTPServer | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "FakeCompute":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def handle_any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                status, body = fake.dispatch(self.command, self.path, json.loads(raw) if raw else {})
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=UTF-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do_PATCH = handle_any
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True, name="fake-gce").start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "FakeCompute":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._httpd, "FakeCompute is not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    @property
+    def client_options(self) -> Any:
+        from google.api_core.client_options import ClientOptions
+
+        return ClientOptions(api_endpoint=self.endpoint)
+
+    @property
+    def credentials(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+
+    def client_kwargs(self) -> dict:
+        """Keyword arguments for any compute_v1 client: anonymous, REST, this endpoint."""
+        return {"credentials": self.credentials, "transport": "rest", "client_options": self.client_options}
+
+    # -- seeding and inspection -------------------------------------------------------------
+    def seed(self, collection: str, scope: str, body: dict, project: str | None = None) -> dict:
+        """Create a resource directly (no operation), with the same defaults as insert."""
+        with self.lock:
+            resource = self._build(collection, project or self.project, scope, dict(body))
+            self._put(collection, project or self.project, scope, resource)
+            return resource
+
+    def get(self, collection: str, scope: str, name: str, project: str | None = None) -> dict | None:
+        return self.store[collection].get((project or self.project, scope), {}).get(name)
+
+    def names(self, collection: str, scope: str | None = None, project: str | None = None) -> set[str]:
+        return {r["name"] for s, r in self.items(collection, project) if scope in (None, s)}
+
+    def items(self, collection: str, project: str | None = None) -> list[tuple[str, dict]]:
+        with self.lock:
+            return [(scope, r) for (p, scope), rs in self.store[collection].items()
+                    if p == (project or self.project) for r in rs.values()]
+
+    # -- routing ----------------------------------------------------------------------------
+    def dispatch(self, method: str, path: str, body: dict) -> tuple[int, dict]:
+        url = urlparse(path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        self.requests.append((method, url.path))
+        try:
+            with self.lock:
+                return 200, self._route(method, url.path.strip("/").split("/"), query, body)
+        except ApiError as exc:
+            return exc.code, exc.body()
+
+    def _route(self, method: str, parts: list[str], query: dict, body: dict) -> dict:
+        if parts[:3] != ["compute", "v1", "projects"] or len(parts) < 6:
+            raise ApiError(404, "notFound", f"Unknown path /{'/'.join(parts)}")
+        project, rest = parts[3], parts[4:]
+        if rest[0] == "aggregated":
+            return self._aggregated(project, rest[1], query)
+        if rest[0] == "global":
+            scope, rest = "global", rest[1:]
+        elif rest[0] in ("zones", "regions") and len(rest) >= 3:
+            scope, rest = f"{rest[0]}/{rest[1]}", rest[2:]
+        else:
+            raise ApiError(404, "notFound", f"Unknown scope {rest[0]}")
+        collection, rest = rest[0], rest[1:]
+        if collection == "operations":
+            return self._operation(project, scope, rest)
+        if collection not in SCOPED:
+            raise ApiError(404, "notFound", f"Unknown collection {collection}")
+        if collection == "images" and method == "GET" and rest[:1] == ["family"] and len(rest) == 2:
+            return self._from_family(project, rest[1])
+        if not rest and method == "GET":
+            return self._list(collection, project, scope, query)
+        if not rest and method == "POST":
+            return self._insert(collection, project, scope, body)
+        resource = self._find(collection, project, scope, rest[0])
+        if len(rest) == 1 and method == "GET":
+            return resource
+        if len(rest) == 1 and method == "DELETE":
+            return self._delete(collection, project, scope, resource)
+        if len(rest) == 2 and method == "POST":
+            return self._action(collection, project, scope, resource, rest[1], body)
+        raise ApiError(400, "badRequest", f"Unsupported {method} on {collection}")
+
+    # -- collections ------------------------------------------------------------------------
+    def _find(self, collection: str, project: str, scope: str, name: str) -> dict:
+        found = self.store[collection].get((project, scope), {}).get(name)
+        if found is None:
+            raise ApiError(404, "notFound",
+                           f"The resource 'projects/{project}/{scope}/{collection}/{name}' was not found")
+        return found
+
+    def _page(self, items: list, query: dict) -> tuple[list, str]:
+        size = int(query.get("maxResults") or MAX_RESULTS)
+        if not 0 < size <= MAX_RESULTS:
+            raise ApiError(400, "invalid", f"Invalid value for field 'maxResults': '{size}'.")
+        start = int(query.get("pageToken") or 0)
+        token = str(start + size) if start + size < len(items) else ""
+        return items[start:start + size], token
+
+    def _list(self, collection: str, project: str, scope: str, query: dict) -> dict:
+        terms = parse_filter(query.get("filter", ""))
+        items = [r for r in self.store[collection].get((project, scope), {}).values() if matches(r, terms)]
+        page, token = self._page(items, query)
+        out = {"kind": f"compute#{collection}List", "id": f"projects/{project}/{scope}/{collection}",
+               "items": page}
+        return {**out, "nextPageToken": token} if token else out
+
+    def _aggregated(self, project: str, collection: str, query: dict) -> dict:
+        if collection not in SCOPED:
+            raise ApiError(404, "notFound", f"Unknown collection {collection}")
+        terms = parse_filter(query.get("filter", ""))
+        flat = [(scope, r) for (p, scope), rs in self.store[collection].items() if p == project
+                for r in rs.values() if matches(r, terms)]
+        page, token = self._page(flat, query)
+        grouped: dict[str, dict] = {}
+        for scope, resource in page:
+            grouped.setdefault(scope, {collection: []})[collection].append(resource)
+        out = {"kind": f"compute#{collection}AggregatedList", "items": grouped,
+               "id": f"projects/{project}/aggregated/{collection}"}
+        return {**out, "nextPageToken": token} if token else out
+
+    def _insert(self, collection: str, project: str, scope: str, body: dict) -> dict:
+        if not body.get("name"):
+            raise ApiError(400, "required", "Required field 'resource.name' not specified")
+        if body["name"] in self.store[collection].get((project, scope), {}):
+            raise ApiError(409, "alreadyExists",
+                           f"The resource 'projects/{project}/{scope}/{collection}/{body['name']}' already exists")
+        resource = self._build(collection, project, scope, body)
+        return self._operate(project, scope, "insert", resource,
+                             lambda: self._put(collection, project, scope, resource))
+
+    def _delete(self, collection: str, project: str, scope: str, resource: dict) -> dict:
+        self._check_unused(collection, project, resource)
+        return self._operate(project, scope, "delete", resource,
+                             lambda: self._remove(collection, project, scope, resource))
+
+    def _action(self, collection: str, project: str, scope: str, resource: dict, verb: str,
+                body: dict) -> dict:
+        if verb == "setLabels":
+            commit = lambda: resource.update(labels=dict(body.get("labels", {})),
+                                             labelFingerprint=f"fp{next(self._ids)}")
+        elif collection == "instances" and verb in ("stop", "start"):
+            commit = lambda: resource.update(status="TERMINATED" if verb == "stop" else "RUNNING")
+        else:
+            raise ApiError(400, "badRequest", f"Unsupported action {collection}.{verb}")
+        return self._operate(project, scope, verb, resource, commit)
+
+    def _from_family(self, project: str, family: str) -> dict:
+        live = [r for _, r in self.items("images", project) if r.get("family") == family
+                and r.get("deprecated", {}).get("state", "ACTIVE") == "ACTIVE"]
+        if not live:
+            raise ApiError(404, "notFound",
+                           f"The resource 'projects/{project}/global/images/family/{family}' was not found")
+        return max(live, key=lambda r: r["creationTimestamp"])
+
+    # -- resource building and effects -------------------------------------------------------
+    def _url(self, project: str, scope: str, collection: str, name: str) -> str:
+        return f"{API_ROOT}projects/{project}/{scope}/{collection}/{name}"
+
+    def _ref(self, project: str, ref: str, collection: str, scope: str = "global") -> str:
+        """Normalize a short reference (`x`, `global/networks/x`, `projects/p/...`) to a URL."""
+        if ref.startswith(("http://", "https://")):
+            return API_ROOT + ref.split("/compute/v1/", 1)[-1]
+        if ref.startswith("projects/"):
+            return API_ROOT + ref
+        if "/" in ref:
+            return f"{API_ROOT}projects/{project}/{ref}"
+        return self._url(project, scope, collection, ref)
+
+    def _build(self, collection: str, project: str, scope: str, body: dict) -> dict:
+        seq = next(self._ids)
+        stamp = (self._epoch + timedelta(milliseconds=seq)).isoformat(timespec="milliseconds")
+        resource = {**body, "id": body.get("id", str(seq)), "kind": f"compute#{SINGULAR[collection]}",
+                    "creationTimestamp": stamp,
+                    "selfLink": self._url(project, scope, collection, body["name"])}
+        if scope != "global":
+            resource[scope.split("/")[0][:-1]] = f"{API_ROOT}projects/{project}/{scope}"
+        if collection not in ("firewalls", "networks", "subnetworks"):
+            resource.setdefault("labels", {})
+            resource.setdefault("labelFingerprint", f"fp{seq}")
+        build = getattr(self, f"_build_{collection}", None)
+        if build:
+            build(project, scope, resource)
+        return resource
+
+    def _build_instances(self, project: str, scope: str, inst: dict) -> None:
+        inst.setdefault("status", "RUNNING")
+        for i, nic in enumerate(inst.setdefault("networkInterfaces", [])):
+            nic["network"] = self._ref(project, nic.get("network", "default"), "networks")
+            if nic.get("subnetwork"):
+                nic["subnetwork"] = self._ref(project, nic["subnetwork"], "subnetworks")
+            nic.setdefault("name", f"nic{i}")
+            nic.setdefault("networkIP", f"10.128.0.{2 + int(inst['id']) % 250}")
+            for ac in nic.get("accessConfigs", []):
+                ac.setdefault("natIP", f"203.0.113.{int(inst['id']) % 250}")
+        for i, disk in enumerate(inst.setdefault("disks", [])):
+            disk.setdefault("index", i)
+            params = disk.pop("initializeParams", None)
+            if params is not None:
+                name = params.get("diskName") or (inst["name"] if i == 0 else f"{inst['name']}-{i}")
+                body = {"name": name, "labels": params.get("labels", {})}
+                body.update({k: params[k] for k in ("sizeGb", "sourceImage", "diskType") if k in params})
+                self._put("disks", project, scope, self._build("disks", project, scope, body))
+                disk["source"] = self._url(project, scope, "disks", name)
+            source = self._find("disks", project, scope, last(disk.get("source", "")))
+            source.setdefault("users", []).append(inst["selfLink"])
+
+    def _build_disks(self, project: str, scope: str, disk: dict) -> None:
+        disk.setdefault("status", "READY")
+        disk.setdefault("users", [])
+        if disk.get("sourceImage") and "sizeGb" not in disk:
+            image = self.store["images"].get((project, "global"), {}).get(last(disk["sourceImage"]))
+            disk["sizeGb"] = image["diskSizeGb"] if image else "10"
+        disk["sizeGb"] = str(disk.get("sizeGb", "10"))
+
+    def _build_images(self, project: str, scope: str, image: dict) -> None:
+        image.setdefault("status", "READY")
+        if image.get("sourceDisk"):
+            image["sourceDisk"] = self._ref(project, image["sourceDisk"], "disks")
+            parts = image["sourceDisk"].split("/")
+            disk = self._find("disks", parts[-5], "/".join(parts[-4:-2]), parts[-1])
+            image.setdefault("diskSizeGb", disk["sizeGb"])
+        image["diskSizeGb"] = str(image.get("diskSizeGb", "10"))
+
+    def _build_firewalls(self, project: str, scope: str, rule: dict) -> None:
+        rule["network"] = self._ref(project, rule.get("network", "default"), "networks")
+        rule.setdefault("direction", "INGRESS")
+
+    def _build_subnetworks(self, project: str, scope: str, subnet: dict) -> None:
+        if not subnet.get("network"):
+            raise ApiError(400, "required", "Required field 'resource.network' not specified")
+        subnet["network"] = self._ref(project, subnet["network"], "networks")
+
+    def _build_addresses(self, project: str, scope: str, address: dict) -> None:
+        address.setdefault("address", f"198.51.100.{int(address['id']) % 250}")
+        address.setdefault("status", "RESERVED")
+
+    def _put(self, collection: str, project: str, scope: str, resource: dict) -> None:
+        self.store[collection].setdefault((project, scope), {})[resource["name"]] = resource
+
+    def _remove(self, collection: str, project: str, scope: str, resource: dict) -> None:
+        self.store[collection].get((project, scope), {}).pop(resource["name"], None)
+        if collection != "instances":
+            return
+        for disk in resource.get("disks", []):
+            source = self.store["disks"].get((project, scope), {}).get(last(disk.get("source", "")))
+            if source is None:
+                continue
+            source["users"] = [u for u in source.get("users", []) if u != resource["selfLink"]]
+            if disk.get("autoDelete"):
+                self._remove("disks", project, scope, source)
+
+    def _check_unused(self, collection: str, project: str, resource: dict) -> None:
+        link = resource["selfLink"]
+        users: list[str] = []
+        if collection == "disks":
+            users = resource.get("users", [])
+        elif collection in ("networks", "subnetworks"):
+            key = collection[:-1]
+            users = [r["selfLink"] for c in ("firewalls", "subnetworks") for _, r in self.items(c, project)
+                     if r.get(key) == link]
+            users += [r["selfLink"] for _, r in self.items("instances", project)
+                      if any(n.get(key) == link for n in r.get("networkInterfaces", []))]
+        elif collection == "resourcePolicies":
+            users = [r["selfLink"] for _, r in self.items("instances", project)
+                     if link in r.get("resourcePolicies", [])]
+        if users:
+            raise ApiError(400, "resourceInUseByAnotherResource",
+                           f"The {SINGULAR[collection]} resource '{link}' is already being used by '{users[0]}'")
+
+    # -- operations -------------------------------------------------------------------------
+    def _operate(self, project: str, scope: str, verb: str, resource: dict,
+                 commit: Callable[[], None]) -> dict:
+        name = f"operation-{next(self._ids)}"
+        op = {"kind": "compute#operation", "id": str(next(self._ids)), "name": name,
+              "operationType": verb, "targetLink": resource["selfLink"], "targetId": resource["id"],
+              "status": "RUNNING", "progress": 0, "insertTime": self._epoch.isoformat(),
+              "selfLink": f"{API_ROOT}projects/{project}/{scope}/operations/{name}"}
+        if scope != "global":
+            op[scope.split("/")[0][:-1]] = f"{API_ROOT}projects/{project}/{scope}"
+        self.operations[name] = op
+        self._commits[name] = commit
+        self._pending[name] = self.pending_polls
+        if not self.pending_polls:
+            self._finish(name)
+        return dict(op)
+
+    def _finish(self, name: str) -> None:
+        op = self.operations[name]
+        if op["status"] != "DONE":
+            self._commits.pop(name)()
+            op.update(status="DONE", progress=100, endTime=datetime.now(timezone.utc).isoformat())
+
+    def _operation(self, project: str, scope: str, rest: list[str]) -> dict:
+        op = self.operations.get(rest[0]) if rest else None
+        if op is None or not op["selfLink"].endswith(f"projects/{project}/{scope}/operations/{rest[0]}"):
+            raise ApiError(404, "notFound", f"The resource 'projects/{project}/{scope}/operations/"
+                                            f"{rest[0] if rest else ''}' was not found")
+        if rest[1:] == ["wait"] or self._pending[rest[0]] <= 1:
+            self._finish(rest[0])
+        else:
+            self._pending[rest[0]] -= 1
+        return dict(op)
