@@ -124,7 +124,10 @@ def list_aws_buckets(s3: Any, cluster: str, region: str) -> list[Leftover]:
         try:
             tags = s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"]
         except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchTagSet", "NoSuchBucket"):
+            code = exc.response["Error"]["Code"]
+            if code == "AccessDenied":
+                logger.warning("cannot read the tags of s3://%s (AccessDenied): not swept", bucket["Name"])
+            if code in ("NoSuchTagSet", "NoSuchBucket", "AccessDenied"):
                 continue
             raise
         if {"Key": AWS_TAG_KEY, "Value": cluster} not in tags:
@@ -451,8 +454,6 @@ def purge_gcp(leftovers: list[Leftover], project: str, client_options: Any,
     from google.api_core.exceptions import NotFound
     from google.cloud import compute_v1
 
-    if not project:
-        raise SweepError("purging GCP leftovers needs project=, got none")
     kw = gcp_kwargs(client_options, credentials)
     gone = lambda exc: isinstance(exc, NotFound)  # noqa: E731
     results: list[tuple[Leftover, str | None]] = []
@@ -492,9 +493,10 @@ def purge_leftovers(leftovers: list[Leftover], session: Any = None, client_optio
     known = {"aws": AWS_PURGE_ORDER, "gcp": GCP_PURGE_ORDER}
     refused = [(lo, f"cannot purge a {lo.cloud} {lo.kind}: only {', '.join(known.get(lo.cloud, ()))}")
                for lo in leftovers if lo.kind not in known.get(lo.cloud, ())]
-    ok = [lo for lo in leftovers if lo.kind in known.get(lo.cloud, ())]
-    aws = [lo for lo in ok if lo.cloud == "aws"]
-    gcp = [lo for lo in ok if lo.cloud == "gcp"]
+    aws = [lo for lo in leftovers if lo.cloud == "aws" and lo.kind in AWS_PURGE_ORDER]
+    gcp = [lo for lo in leftovers if lo.cloud == "gcp" and lo.kind in GCP_PURGE_ORDER]
+    if gcp and not project:
+        raise SweepError("purging GCP leftovers needs project=<GCP project id>, got none")
     results = purge_aws(aws, session) if aws else []
     results += purge_gcp(gcp, project, client_options, credentials) if gcp else []
     return results + refused

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from infra.errors import SweepError
 from infra.sweep import find_gcp_leftovers, purge_leftovers
 from tests.fakes.gce import FakeCompute
 from tests.fakes.gcs import gcs_emulator, gcs_env, make_gcs_client  # noqa: F401 - fixture
@@ -155,3 +156,14 @@ def test_find_gcp_leftovers_skips_buckets_without_a_storage_endpoint(gce, monkey
     found = find_gcp_leftovers("demo", PROJECT, REGION, **sweep_kwargs(gce))
 
     assert "bucket" not in {lo.kind for lo in found} and "disk" in {lo.kind for lo in found}
+
+
+def test_purge_gcp_needs_a_project_before_any_call(gce):
+    seed_cluster(gce, "demo")
+    found = find_gcp_leftovers("demo", PROJECT, REGION, **sweep_kwargs(gce))
+    calls = len(gce.requests)
+
+    with pytest.raises(SweepError, match="project="):
+        purge_leftovers(found, **sweep_kwargs(gce))
+
+    assert len(gce.requests) == calls and "demo-data" in gce.names("disks")
