@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from infra import catalog
+from infra.cluster import ClusterInfo, NodeInfo
 from infra.errors import SpecError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ SSH_KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
+NODE_USER = "ubuntu"  # the login user of Ubuntu cloud images, DLAMI and DLVM alike
+NODE_SSH_PORT = 22
 DEFAULTS = {  # per cloud: the cheapest widely available single-GPU type and the reference price region
     "aws": {"instance_type": "g5.xlarge", "region": "us-east-1"},
     "gcp": {"instance_type": "g2-standard-8", "region": "us-central1"},
@@ -291,6 +294,49 @@ class ClusterSpec(BaseModel):
             )
         if self.cloud == "gcp" and not self.project:
             raise SpecError("project is empty: a GCP cluster needs one; set it with pulumi config set gcp:project ID")
+
+    def node_name(self, rank: int) -> str:
+        return f"{self.name}-{rank}"
+
+    def cluster_info(
+        self, addresses: list[tuple[str, str]], storage_url: str, extra: Mapping[str, Any] | None = None
+    ) -> ClusterInfo:
+        """The ClusterInfo of this spec's nodes, given (public, private) addresses in rank order."""
+        if len(addresses) != self.nodes:
+            raise SpecError(f"cluster {self.name} has {self.nodes} nodes but {len(addresses)} addresses were given")
+        nodes = tuple(
+            NodeInfo(
+                name=self.node_name(rank),
+                rank=rank,
+                public_address=public,
+                private_address=private,
+                ssh_port=NODE_SSH_PORT,
+                user=NODE_USER,
+                key_path=self.ssh_key_path,
+                gpu_model=self.gpu_model,
+                gpu_count=self.gpu_count,
+                instance_type=self.instance_type,
+            )
+            for rank, (public, private) in enumerate(addresses)
+        )
+        return ClusterInfo(
+            name=self.name,
+            cloud=self.cloud,
+            nodes=nodes,
+            region=self.region,
+            storage_url=storage_url,
+            extra={
+                "zone": self.zone,
+                "spot": self.spot,
+                "accelerator": self.accelerator,
+                "gpu_memory_gib": self.gpu_memory_gib,
+                "efa_interfaces": self.efa_interfaces,
+                "nvswitch": self.nvswitch,
+                "os": self.os,
+                "cost_per_hour": self.cost_per_hour,
+                **(extra or {}),
+            },
+        )
 
     # -- stack config ------------------------------------------------------------------------
     @classmethod
