@@ -31,3 +31,7 @@ class NodeUnreachableError(ProvisionError):
 
 class MatrixError(ProvisionError):
     """No tested version combination for a node, or a node's stack conflicts with it."""
+
+
+class FactsError(ProvisionError):
+    """A node's hardware or software does not match what its instance type promises (GPU count, model)."""

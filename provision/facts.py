@@ -1,7 +1,9 @@
-"""Node facts: OS, CPUs, RAM, GPUs, NVSwitches, EFA, existing driver and CUDA.
+"""Node facts: OS, CPUs, RAM, GPUs, NVSwitches, EFA, the driver (version, kernel modules, packaging), CUDA.
 
 Gathered with one shell command that prints tagged sections, then parsed here, so that the
 parsing is tested on recorded outputs of the real tools (tests/unit/fixtures/facts/).
+GPUs are counted twice on purpose: on the PCI bus (lspci, or sysfs where pciutils is missing) and by
+the driver (nvidia-smi). `validate_gpu_facts` compares both with the catalog row of the instance type.
 """
 
 from __future__ import annotations
@@ -9,13 +11,29 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from provision.errors import FactsError
+
 NVIDIA_VENDOR = "10de"
 AMAZON_VENDOR = "1d0f"
+GPU_PCI_CLASSES = ("0300", "0302")  # VGA controller, 3D controller
 # NVSwitch PCI device ids (bridge class 0680): 1af1 = NVSwitch gen 2 (A100 HGX), 22a3 = gen 3 (H100/H200 HGX).
 NVSWITCH_DEVICE_IDS = frozenset({"1af1", "22a3", "22a4"})
 # EFA PCI device ids from the Amazon EFA driver (efa0 = gen1, efa1 = gen2, efa2/efa3 = gen3+).
 EFA_DEVICE_IDS = frozenset({"efa0", "efa1", "efa2", "efa3"})
+# Names for GPUs seen only through sysfs (no lspci): device id -> name as pci.ids writes it.
+PCI_GPU_NAMES = {
+    "20b0": "A100 SXM4 40GB", "20b2": "A100 SXM4 80GB", "20f1": "A100 PCIe 40GB", "20b5": "A100 PCIe 80GB",
+    "2330": "H100 SXM5 80GB", "2331": "H100 PCIe", "2335": "H200 SXM 141GB", "2901": "B200",
+    "2237": "A10G", "2236": "A10", "27b8": "L4", "26b5": "L40", "26b9": "L40S", "1eb8": "Tesla T4",
+    "1db1": "Tesla V100 SXM2 16GB", "1db5": "Tesla V100 SXM2 32GB", "1db4": "Tesla V100 PCIe 16GB",
+    "15f8": "Tesla P100 PCIe 16GB", "1bb3": "Tesla P4", "102d": "Tesla K80",
+}
+# Packages whose presence means the driver came from apt (NVIDIA's CUDA repo or Ubuntu's archive).
+APT_DRIVER_PACKAGE = re.compile(r"^(nvidia-driver-|nvidia-open|cuda-drivers|libnvidia-compute-|nvidia-dkms-|nvidia-headless-)")
 SECTION = "##gpuforge:"
+NVIDIA_SMI_QUERY = (
+    "nvidia-smi --query-gpu=index,name,memory.total,driver_version,pci.bus_id --format=csv,noheader,nounits"
+)
 
 GATHER_COMMAND = "; ".join(
     [
@@ -24,11 +42,19 @@ GATHER_COMMAND = "; ".join(
         f"echo '{SECTION}arch'; uname -m",
         f"echo '{SECTION}cpus'; nproc",
         f"echo '{SECTION}mem'; grep MemTotal /proc/meminfo",
-        f"echo '{SECTION}nvidia-smi'; nvidia-smi --query-gpu=index,name,memory.total,driver_version,pci.bus_id"
-        " --format=csv,noheader,nounits 2>/dev/null",
+        f"echo '{SECTION}nvidia-smi'; {NVIDIA_SMI_QUERY} 2>&1; gf_rc=$?",
+        f"echo '{SECTION}nvidia-smi-rc'; echo $gf_rc",
         f"echo '{SECTION}nvidia-version'; cat /proc/driver/nvidia/version 2>/dev/null",
-        f"echo '{SECTION}lspci'; lspci -nn 2>/dev/null | grep -Ei '\\[(10de|1d0f):' ",
+        f"echo '{SECTION}lspci'; lspci -nn 2>/dev/null | grep -Ei '\\[(10de|1d0f):'",
+        f"echo '{SECTION}pci'; for d in /sys/bus/pci/devices/*; do"
+        ' echo "${d##*/} $(cat $d/class) $(cat $d/vendor) $(cat $d/device)"; done 2>/dev/null'
+        " | grep -Ei ' 0x(10de|1d0f) '",
         f"echo '{SECTION}cuda'; cat /usr/local/cuda/version.json 2>/dev/null | grep -A1 '\"cuda\"' | grep version",
+        f"echo '{SECTION}nvidia-pkgs'; dpkg-query -W -f='${{db:Status-Abbrev}}${{Package}}=${{Version}}\\n'"
+        " 'nvidia-*' 'libnvidia-compute-*' 'cuda-drivers*' 2>/dev/null | grep '^ii'",
+        f"echo '{SECTION}runfile'; test -x /usr/bin/nvidia-uninstall && echo runfile",
+        f"echo '{SECTION}secureboot'; mokutil --sb-state 2>/dev/null",
+        f"echo '{SECTION}efa-installer'; head -n 3 /opt/amazon/efa_installed_packages 2>/dev/null",
         f"echo '{SECTION}end'",
     ]
 )
@@ -51,13 +77,28 @@ class Facts:
     cpus: int = 0
     mem_gib: float = 0.0
     gpus: tuple[Gpu, ...] = ()
+    """GPUs the driver sees (nvidia-smi)."""
     gpu_pci_count: int = 0
     """NVIDIA GPUs seen on the PCI bus, whether or not a driver is loaded."""
     gpu_pci_models: tuple[str, ...] = ()
+    gpu_pci_bus_ids: tuple[str, ...] = ()
+    """`10:1c.0` style (domain dropped), to name the GPUs nvidia-smi does not see."""
     nvswitch_count: int = 0
     efa_count: int = 0
     driver_version: str = ""
+    driver_flavor: str = ""
+    """`open` / `proprietary` kernel modules, from /proc/driver/nvidia/version ("" when not loaded)."""
+    driver_packaging: str = ""
+    """`apt` (a dpkg package provides it), `runfile` (NVIDIA's .run installer), "" (no driver / unknown)."""
+    nvidia_packages: tuple[str, ...] = ()
+    """Installed NVIDIA driver packages as `name=version`."""
+    nvidia_smi_error: str = ""
+    """What nvidia-smi printed besides GPU rows (e.g. "couldn't communicate with the NVIDIA driver")."""
     cuda_version: str = ""
+    secure_boot: bool | None = None
+    """None when unknown (no mokutil)."""
+    efa_installer: str = ""
+    """Version of the AWS EFA installer that last ran on the node ("" when never)."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -75,7 +116,8 @@ class Facts:
 
     def summary(self) -> str:
         gpus = f"{self.gpu_count}x {self.gpu_model or 'GPU'}" if self.has_gpu else "no GPU"
-        return f"{self.os_name or 'unknown OS'}, {self.cpus} CPUs, {self.mem_gib:.0f} GiB, {gpus}"
+        driver = f", driver {self.driver_version}" if self.driver_version else ""
+        return f"{self.os_name or 'unknown OS'}, {self.cpus} CPUs, {self.mem_gib:.0f} GiB, {gpus}{driver}"
 
     @property
     def gpu_model(self) -> str:
@@ -110,7 +152,7 @@ def parse_os_release(text: str) -> tuple[str, str]:
 
 def parse_nvidia_smi(text: str) -> tuple[list[Gpu], str]:
     """Parse `nvidia-smi --query-gpu=index,name,memory.total,driver_version,pci.bus_id
-    --format=csv,noheader,nounits`. Returns the GPUs and the driver version."""
+    --format=csv,noheader,nounits`. Returns the GPUs and the driver version; other lines are ignored."""
     gpus, driver = [], ""
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -122,10 +164,24 @@ def parse_nvidia_smi(text: str) -> tuple[list[Gpu], str]:
     return gpus, driver
 
 
+def nvidia_smi_messages(text: str) -> str:
+    """The lines of nvidia-smi output that are not GPU rows: its error messages."""
+    lines = [line.strip() for line in text.splitlines()]
+    return "\n".join(line for line in lines if line and not re.match(r"^\d+\s*,", line))
+
+
 def parse_nvidia_version(text: str) -> str:
     """Driver version from /proc/driver/nvidia/version (`NVRM version: NVIDIA UNIX ... 550.90.07 ...`)."""
     match = re.search(r"NVRM version:.*?\b(\d{3,}\.\d+(?:\.\d+)?)\b", text)
     return match.group(1) if match else ""
+
+
+def parse_driver_flavor(text: str) -> str:
+    """`NVIDIA UNIX Open Kernel Module for x86_64` -> open; `NVIDIA UNIX x86_64 Kernel Module` -> proprietary."""
+    line = next((x for x in text.splitlines() if x.startswith("NVRM version:")), "")
+    if not line:
+        return ""
+    return "open" if "Open Kernel Module" in line else "proprietary"
 
 
 @dataclass(frozen=True)
@@ -155,22 +211,69 @@ def parse_lspci(text: str) -> list[PciDevice]:
     return devices
 
 
+def parse_sysfs_pci(text: str) -> list[PciDevice]:
+    """Parse `<slot> <class> <vendor> <device>` lines read from /sys/bus/pci/devices/*, e.g.
+    `0000:10:1c.0 0x030200 0x10de 0x20b0`."""
+    devices = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 4 or not all(p.lower().startswith("0x") for p in parts[1:]):
+            continue
+        vendor, device = parts[2][2:].lower(), parts[3][2:].lower()
+        name = PCI_GPU_NAMES.get(device, f"{vendor}:{device}") if vendor == NVIDIA_VENDOR else f"{vendor}:{device}"
+        devices.append(PciDevice(parts[0], parts[1][2:6].lower(), vendor, device, f"[{name}]"))
+    return devices
+
+
 def gpu_name_from_pci(description: str) -> str:
     """`NVIDIA Corporation GA100 [A100 SXM4 40GB]` -> `A100 SXM4 40GB`."""
     bracketed = re.findall(r"\[([^\]]+)\]", description)
     return bracketed[-1] if bracketed else description.replace("NVIDIA Corporation", "").strip()
 
 
+def short_bus_id(bus_id: str) -> str:
+    """`00000000:10:1C.0` (nvidia-smi) / `0000:10:1c.0` (sysfs) / `10:1c.0` (lspci) -> `10:1c.0`."""
+    return ":".join(bus_id.strip().lower().split(":")[-2:])
+
+
+def parse_driver_packaging(packages: list[str], runfile: str) -> str:
+    if "runfile" in runfile:
+        return "runfile"
+    if any(APT_DRIVER_PACKAGE.match(p) for p in packages):
+        return "apt"
+    return ""
+
+
+def parse_secure_boot(text: str) -> bool | None:
+    """`mokutil --sb-state`: "SecureBoot enabled" / "SecureBoot disabled" / "doesn't support Secure Boot"."""
+    lowered = text.lower()
+    if "secureboot enabled" in lowered:
+        return True
+    if "secureboot disabled" in lowered or "not support" in lowered:
+        return False
+    return None
+
+
+def parse_efa_installer(text: str) -> str:
+    """`# EFA installer version: 1.50.0` (first lines of /opt/amazon/efa_installed_packages)."""
+    match = re.search(r"EFA installer version:\s*(\S+)", text)
+    return match.group(1) if match else ""
+
+
 def parse_facts(output: str) -> Facts:
     s = split_sections(output)
     os_id, os_version = parse_os_release(s.get("os", ""))
     mem_kib = re.search(r"(\d+)", s.get("mem", ""))
-    gpus, driver = parse_nvidia_smi(s.get("nvidia-smi", ""))
-    pci = parse_lspci(s.get("lspci", ""))
-    pci_gpus = [d for d in pci if d.vendor == NVIDIA_VENDOR and d.cls in ("0300", "0302")]
+    smi_text = s.get("nvidia-smi", "")
+    gpus, driver = parse_nvidia_smi(smi_text)
+    pci = parse_lspci(s.get("lspci", "")) or parse_sysfs_pci(s.get("pci", ""))
+    pci_gpus = [d for d in pci if d.vendor == NVIDIA_VENDOR and d.cls in GPU_PCI_CLASSES]
     nvswitches = [d for d in pci if d.vendor == NVIDIA_VENDOR and d.device in NVSWITCH_DEVICE_IDS]
     efa = [d for d in pci if d.vendor == AMAZON_VENDOR and d.device in EFA_DEVICE_IDS]
     cuda = re.search(r"(\d+\.\d+(?:\.\d+)?)", s.get("cuda", ""))
+    proc_version = s.get("nvidia-version", "")
+    driver = driver or parse_nvidia_version(proc_version)
+    packages = [line[3:].strip() for line in s.get("nvidia-pkgs", "").splitlines() if line.startswith("ii")]
     return Facts(
         os_id=os_id,
         os_version=os_version,
@@ -181,8 +284,58 @@ def parse_facts(output: str) -> Facts:
         gpus=tuple(gpus),
         gpu_pci_count=len(pci_gpus),
         gpu_pci_models=tuple(gpu_name_from_pci(d.description) for d in pci_gpus),
+        gpu_pci_bus_ids=tuple(short_bus_id(d.slot) for d in pci_gpus),
         nvswitch_count=len(nvswitches),
         efa_count=len(efa),
-        driver_version=driver or parse_nvidia_version(s.get("nvidia-version", "")),
+        driver_version=driver,
+        driver_flavor=parse_driver_flavor(proc_version),
+        driver_packaging=parse_driver_packaging(packages, s.get("runfile", "")),
+        nvidia_packages=tuple(packages),
+        nvidia_smi_error=nvidia_smi_messages(smi_text),
         cuda_version=cuda.group(1) if cuda else "",
+        secure_boot=parse_secure_boot(s.get("secureboot", "")),
+        efa_installer=parse_efa_installer(s.get("efa-installer", "")),
+    )
+
+
+def validate_gpu_facts(
+    facts: Facts, expected_count: int, expected_model: str, instance_type: str, require_driver: bool = False
+) -> None:
+    """Stop setup when the node is not the machine its instance type promises.
+
+    Raises FactsError naming both numbers when the GPU count differs from the catalog's, when the GPU
+    model differs, and when the PCI bus shows more GPUs than nvidia-smi sees: always once a driver is
+    loaded, and with `require_driver` (after the driver step) also when nvidia-smi sees none at all.
+    """
+    from provision.versions import gpu_family  # versions imports nothing from here; keep facts importable alone
+
+    seen = facts.gpu_count
+    if seen != expected_count:
+        raise FactsError(
+            f"{instance_type} should have {expected_count} {expected_model} GPUs (catalog) but this node shows "
+            f"{seen}; a GPU may have failed. Stop and start the instance to move it to healthy hardware."
+        )
+    want = gpu_family(expected_model) or expected_model
+    models = {m for m in (*facts.gpu_pci_models, *(g.model for g in facts.gpus)) if m}
+    wrong = sorted(m for m in models if (gpu_family(m) or m) != want)
+    if wrong:
+        raise FactsError(f"{instance_type} should have {expected_model} GPUs (catalog) but this node has {', '.join(wrong)}")
+    check_driver_sees_all(facts, require_driver)
+
+
+def check_driver_sees_all(facts: Facts, require_driver: bool = False) -> None:
+    """FactsError when lspci shows more NVIDIA GPUs than nvidia-smi lists (driver not loaded, or a GPU
+    fell off the bus)."""
+    on_bus, visible = facts.gpu_pci_count, len(facts.gpus)
+    if visible >= on_bus or not (require_driver or facts.driver_version):
+        return
+    smi_bus = {short_bus_id(g.bus_id) for g in facts.gpus}
+    missing = [b for b in facts.gpu_pci_bus_ids if b not in smi_bus]
+    detail = f" (not visible: {', '.join(missing)})" if missing and visible else ""
+    said = facts.nvidia_smi_error.splitlines()[0] if facts.nvidia_smi_error else ""
+    said = f"; nvidia-smi said: {said}" if said else ""
+    raise FactsError(
+        f"lspci shows {on_bus} NVIDIA GPUs but nvidia-smi sees {visible}{detail}{said}. The driver is not "
+        "loaded or a GPU has fallen off the bus (Xid 79): reboot the node; if it persists, stop and start "
+        "the instance to move it to healthy hardware."
     )

@@ -1,0 +1,44 @@
+"""The GPU steps, in the order they run on a node (after facts and base, around python_env):
+
+    nvidia-repo, nvidia-driver, fabric-manager, efa, cuda-toolkit   system software (GPU_SYSTEM_STEPS)
+    gpu-verify                                                       needs the node venv's torch (GPU_VERIFY_STEP)
+
+Each one skips itself on nodes without an NVIDIA GPU; fabric-manager only runs on NVSwitch systems and
+efa only where EFA exists. `allreduce_command` gives the cross-node check the runner starts afterwards.
+"""
+
+from __future__ import annotations
+
+from provision.steps.base import Step
+from provision.steps.cuda import CudaToolkitStep
+from provision.steps.efa import EfaStep, nccl_env, nccl_env_lines
+from provision.steps.gpu_verify import GpuVerifyStep, allreduce_command
+from provision.steps.nvidia import FabricManagerStep, NvidiaDriverStep, NvidiaRepoStep
+
+GPU_STEPS: list[Step] = [
+    NvidiaRepoStep(),
+    NvidiaDriverStep(),
+    FabricManagerStep(),
+    EfaStep(),
+    CudaToolkitStep(),
+    GpuVerifyStep(),
+]
+GPU_SYSTEM_STEPS: list[Step] = GPU_STEPS[:-1]
+"""Run these before python_env (they install system packages and may reboot)."""
+GPU_VERIFY_STEP: Step = GPU_STEPS[-1]
+"""Run this after python_env/workload: it imports torch from the node venv."""
+
+__all__ = [
+    "GPU_STEPS",
+    "GPU_SYSTEM_STEPS",
+    "GPU_VERIFY_STEP",
+    "CudaToolkitStep",
+    "EfaStep",
+    "FabricManagerStep",
+    "GpuVerifyStep",
+    "NvidiaDriverStep",
+    "NvidiaRepoStep",
+    "allreduce_command",
+    "nccl_env",
+    "nccl_env_lines",
+]

@@ -1,0 +1,120 @@
+"""Helpers the GPU steps share: apt commands, file writes, probes, and what a step knows about its node.
+
+Every command is a plain string a user could paste after `sudo` (for Cmd.sudo) or as is; quoting is
+done with shlex so that nothing is left to a second shell's interpretation by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from provision.facts import SECTION, split_sections
+from provision.steps.base import Cmd
+from provision.versions import VersionSet, gpu_family, version_set
+
+if TYPE_CHECKING:
+    from infra.catalog import InstanceType
+    from provision.steps.base import StepContext
+
+logger = logging.getLogger(__name__)
+
+APT_ENV = "DEBIAN_FRONTEND=noninteractive"
+# apt-get install may download GBs (driver + toolkit ~4 GB); bound it so a stuck mirror fails the step.
+APT_TIMEOUT = 1800.0
+CACHE_DIR = "/var/cache/gpuforge"
+"""Root-owned download directory on nodes (not /tmp: a predictable path there could be pre-planted)."""
+
+
+def sh(script: str, sudo: bool = False, desc: str = "", timeout: float | None = None) -> Cmd:
+    """A command that needs a shell (pipes, redirects, tests) run as `sh -c '<script>'`."""
+    return Cmd(f"sh -c {shlex.quote(script)}", sudo=sudo, desc=desc, timeout=timeout)
+
+
+def dquote(text: str) -> str:
+    """Double-quote for sh, leaving nothing for the shell to expand."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
+    return f'"{escaped}"'
+
+
+def write_file(path: str, lines: list[str], desc: str) -> Cmd:
+    """Write `lines` to `path` as root (the whole file; rewriting it is idempotent)."""
+    body = " ".join(dquote(line) for line in lines)
+    return sh(f'printf "%s\\n" {body} > {path}', sudo=True, desc=desc)
+
+
+def apt_install(*specs: str, desc: str, raw: tuple[str, ...] = ()) -> Cmd:
+    """`apt-get install` of `specs` (quoted) and `raw` words (left for the shell, e.g. `$(uname -r)`).
+
+    --allow-change-held-packages: our own holds from an earlier matrix must not block the new pin;
+    --allow-downgrades: the pin may be older than what an image brought along on the same branch."""
+    words = [shlex.quote(s) for s in specs] + list(raw)
+    run = f"{APT_ENV} apt-get install -y --allow-change-held-packages --allow-downgrades {' '.join(words)}"
+    return Cmd(run, sudo=True, desc=desc, timeout=APT_TIMEOUT)
+
+
+def apt_hold(*packages: str) -> Cmd:
+    return Cmd(f"apt-mark hold {' '.join(packages)}", sudo=True, desc="hold them so apt upgrades leave them alone")
+
+
+def pinned(package: str, version: str) -> str:
+    """`pkg=580.167.08-*`: the upstream version exactly, whatever the Debian revision (apt prefix match)."""
+    return f"{package}={version}-*"
+
+
+def probe(conn: Any, sections: dict[str, str]) -> dict[str, str]:
+    """Run several read-only shell snippets in one round trip; returns each one's output by name."""
+    script = "; ".join(f"echo '{SECTION}{name}'; {snippet}" for name, snippet in sections.items())
+    result = conn.run(f"sh -c {shlex.quote(script)}", hide=True, warn=True)
+    return split_sections(result.stdout or "")
+
+
+def versions_for(ctx: StepContext) -> VersionSet:
+    """The matrix row for this node: ctx.options["versions"] when the runner chose one, else by the node's OS."""
+    chosen = ctx.options.get("versions")
+    if isinstance(chosen, VersionSet):
+        return chosen
+    return version_set(ctx.facts.os_name if ctx.facts else "")
+
+
+def gpu_model_of(ctx: StepContext) -> str:
+    """The node's GPU model as facts or the inventory name it ("A100", "NVIDIA H100 80GB HBM3", ...)."""
+    if ctx.facts and ctx.facts.gpu_model:
+        return ctx.facts.gpu_model
+    return ctx.node.gpu_model
+
+
+def instance_type_of(ctx: StepContext) -> str:
+    return ctx.options.get("instance_type") or ctx.node.instance_type
+
+
+def catalog_row(ctx: StepContext) -> InstanceType | None:
+    """The catalog row of the node's instance type, or None (local/hosts clusters, unknown types)."""
+    name, cloud = instance_type_of(ctx), ctx.options.get("cloud") or ctx.cluster.cloud
+    if not name or cloud not in ("aws", "gcp"):
+        return None
+    from infra.catalog import find_instance  # the catalog is only needed on cloud nodes
+    from infra.errors import CatalogError
+
+    try:
+        return find_instance(cloud, name)
+    except CatalogError:
+        logger.warning("instance type %s is not in the %s catalog", name, cloud)
+        return None
+
+
+def expected_gpu_count(ctx: StepContext) -> int:
+    """GPUs this node should show: the catalog's count (accelerator count on GCP n1), else what the bus shows."""
+    row = catalog_row(ctx)
+    if row is not None and row.gpu_count:
+        return row.gpu_count
+    if ctx.facts and ctx.facts.gpu_pci_count:
+        return ctx.facts.gpu_pci_count
+    return ctx.node.gpu_count
+
+
+def efa_rdma(ctx: StepContext) -> bool:
+    """GPUDirect RDMA over EFA: p4d/p4de/p5/p5e/p5en/p6 (A100, H100, H200, B200); aws-ofi-nccl
+    doc/efa-env-var.md: "only p4 and p5 instances support both EFA and NVIDIA GPUDirect RDMA"."""
+    return gpu_family(gpu_model_of(ctx)) in {"A100", "H100", "H200", "B200"}
