@@ -23,3 +23,11 @@ class SshdMissingError(ClusterError):
 
 class SweepError(InfraError):
     """Listing or deleting a cluster's leftover cloud resources failed."""
+
+
+class PulumiCliMissingError(ClusterError):
+    """The `pulumi` CLI that the cloud path (Automation API) drives is not installed."""
+
+
+class StackError(ClusterError):
+    """A Pulumi stack operation failed, or a stack's outputs are not a gpuforge cluster."""
