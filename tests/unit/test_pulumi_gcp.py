@@ -199,7 +199,8 @@ def baked(name: str, created: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "os_name,family", [("ubuntu-22.04", "common-cu128-ubuntu-2204-nvidia-570"), ("ubuntu-24.04", "common-cu128-ubuntu-2404-nvidia-570")]
+    "os_name,family",
+    [("ubuntu-22.04", "common-cu128-ubuntu-2204-nvidia-570"), ("ubuntu-24.04", "common-cu128-ubuntu-2404-nvidia-570")],
 )
 def test_without_a_baked_image_a_deep_learning_vm_family_is_used(os_name, family):
     run = run_program(gcp_config(os=os_name, nodes="1"))

@@ -17,7 +17,10 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxZ9p7test gpuforge@test"
     [
         ({"cloud": "aws", "nodes": 0}, "nodes must be between 1 and 128, got 0"),
         ({"cloud": "aws", "nodes": "two"}, "nodes: Input should be a valid integer"),
-        ({"cloud": "aws", "instance_type": "p4d.24xlage"}, "unknown aws instance type 'p4d.24xlage'; did you mean p4d.24xlarge"),
+        (
+            {"cloud": "aws", "instance_type": "p4d.24xlage"},
+            "unknown aws instance type 'p4d.24xlage'; did you mean p4d.24xlarge",
+        ),
         ({"cloud": "gcp", "instance_type": "p4d.24xlarge"}, "unknown gcp instance type 'p4d.24xlarge'"),
         ({"cloud": "aws", "region": "us-central1"}, "unknown aws region 'us-central1'"),
         ({"cloud": "gcp", "region": "us-east-1"}, "unknown gcp region 'us-east-1'; did you mean us-east1"),
@@ -157,7 +160,8 @@ def test_from_stack_config_falls_back_to_provider_region_and_default_cloud():
 
 
 def test_from_stack_config_rejects_unknown_gpuforge_keys():
-    with pytest.raises(SpecError, match=re.escape("unknown stack config key(s) gpuforge:instance_type; valid keys:")) as err:
+    expected = "unknown stack config key(s) gpuforge:instance_type; valid keys:"
+    with pytest.raises(SpecError, match=re.escape(expected)) as err:
         ClusterSpec.from_stack_config({"gpuforge:instance_type": "g5.xlarge"})
     assert "gpuforge:instanceType" in str(err.value)
 
