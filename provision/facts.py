@@ -249,7 +249,7 @@ def parse_secure_boot(text: str) -> bool | None:
     lowered = text.lower()
     if "secureboot enabled" in lowered:
         return True
-    if "secureboot disabled" in lowered or "not support" in lowered:
+    if "secureboot disabled" in lowered or re.search(r"(doesn't|does not|not) support", lowered):
         return False
     return None
 

@@ -28,13 +28,17 @@ class CudaToolkitStep(Step):
         vs = versions_for(ctx)
         return fingerprint_of(self.name, vs.cuda_toolkit_package, vs.cuda_toolkit, vs.nccl_deb_version)
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
+    def probe_sections(self, ctx: StepContext) -> dict[str, str]:
         vs = versions_for(ctx)
         names = " ".join((vs.cuda_toolkit_package, *NCCL_PACKAGES))
-        out = probe(conn, {
+        return {
             "pkgs": f"dpkg-query -W -f='${{Package}}=${{Version}}\\n' {names} 2>/dev/null",
             "nvcc": f"{nvcc_path(vs)} --version 2>/dev/null",
-        })
+        }
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        vs = versions_for(ctx)
+        out = probe(conn, self.probe_sections(ctx))
         installed = dict(line.split("=", 1) for line in out.get("pkgs", "").splitlines() if "=" in line)
         return (
             installed.get(vs.cuda_toolkit_package, "").startswith(vs.cuda_toolkit + "-")

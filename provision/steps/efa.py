@@ -71,14 +71,17 @@ class EfaStep(Step):
         vs = versions_for(ctx)
         return fingerprint_of(self.name, vs.efa_installer, vs.aws_ofi_nccl, nccl_env_lines(efa_rdma(ctx)))
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
-        vs = versions_for(ctx)
-        out = probe(conn, {
+    def probe_sections(self, ctx: StepContext) -> dict[str, str]:
+        return {
             "installer": "head -n 3 /opt/amazon/efa_installed_packages 2>/dev/null",
             "fi": f"{FI_INFO} -p efa -t FI_EP_RDM >/dev/null 2>&1 && echo ok",
             "ptrace": "cat /proc/sys/kernel/yama/ptrace_scope 2>/dev/null",
             "env": f"cat {NCCL_ENV_FILE} 2>/dev/null",
-        })
+        }
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        vs = versions_for(ctx)
+        out = probe(conn, self.probe_sections(ctx))
         return (
             parse_efa_installer(out.get("installer", "")) == vs.efa_installer
             and out.get("fi") == "ok"

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 APT_ENV = "DEBIAN_FRONTEND=noninteractive"
+# A fresh cloud VM runs unattended-upgrades/cloud-init for its first minutes, holding the dpkg lock;
+# wait for it (apt >= 1.9.11, so jammy and noble) instead of failing with "Could not get lock".
+APT_LOCK_WAIT = "-o DPkg::Lock::Timeout=600"
 # apt-get install may download GBs (driver + toolkit ~4 GB); bound it so a stuck mirror fails the step.
 APT_TIMEOUT = 1800.0
 CACHE_DIR = "/var/cache/gpuforge"
@@ -50,7 +53,8 @@ def apt_install(*specs: str, desc: str, raw: tuple[str, ...] = ()) -> Cmd:
     --allow-change-held-packages: our own holds from an earlier matrix must not block the new pin;
     --allow-downgrades: the pin may be older than what an image brought along on the same branch."""
     words = [shlex.quote(s) for s in specs] + list(raw)
-    run = f"{APT_ENV} apt-get install -y --allow-change-held-packages --allow-downgrades {' '.join(words)}"
+    run = (f"{APT_ENV} apt-get install -y {APT_LOCK_WAIT} --allow-change-held-packages --allow-downgrades "
+           f"{' '.join(words)}")
     return Cmd(run, sudo=True, desc=desc, timeout=APT_TIMEOUT)
 
 
@@ -63,10 +67,15 @@ def pinned(package: str, version: str) -> str:
     return f"{package}={version}-*"
 
 
-def probe(conn: Any, sections: dict[str, str]) -> dict[str, str]:
-    """Run several read-only shell snippets in one round trip; returns each one's output by name."""
+def probe_command(sections: dict[str, str]) -> str:
+    """One read-only command that runs several shell snippets and tags each one's output."""
     script = "; ".join(f"echo '{SECTION}{name}'; {snippet}" for name, snippet in sections.items())
-    result = conn.run(f"sh -c {shlex.quote(script)}", hide=True, warn=True)
+    return f"sh -c {shlex.quote(script)}"
+
+
+def probe(conn: Any, sections: dict[str, str]) -> dict[str, str]:
+    """Run `probe_command(sections)` in one round trip; returns each snippet's output by name."""
+    result = conn.run(probe_command(sections), hide=True, warn=True)
     return split_sections(result.stdout or "")
 
 

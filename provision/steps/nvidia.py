@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from provision.errors import MatrixError
+from provision.facts import parse_driver_flavor
 from provision.steps.base import Cmd, Step, StepContext, fingerprint_of
 from provision.steps.gpu_common import (
     CACHE_DIR,
@@ -39,7 +40,7 @@ def pin_lines(vs: VersionSet) -> list[str]:
     """apt preferences that keep every driver-versioned NVIDIA package (including the packages the meta
     package pulls in, and Fabric Manager) at the tested version: priority 1001 also wins over newer ones."""
     return [
-        f"# gpuforge: NVIDIA driver packages stay at {vs.driver_version} (provision/versions.toml)",
+        f"Explanation: gpuforge keeps NVIDIA driver packages at {vs.driver_version} (provision/versions.toml)",
         "Package: nvidia-* libnvidia-* cuda-drivers* xserver-xorg-video-nvidia*",
         f"Pin: version {vs.driver_version}-*",
         "Pin-Priority: 1001",
@@ -55,13 +56,16 @@ class NvidiaRepoStep(Step):
         vs = versions_for(ctx)
         return fingerprint_of(self.name, vs.cuda_keyring_url, pin_lines(vs))
 
+    def probe_sections(self, ctx: StepContext) -> dict[str, str]:
+        return {
+            "keyring": f"dpkg-query -W -f='${{Status}}' {KEYRING_PACKAGE} 2>/dev/null",
+            "sources": f"grep -rhs '{versions_for(ctx).cuda_repo_url.rstrip('/')}' /etc/apt/sources.list.d/",
+            "pin": f"cat {APT_PIN_FILE} 2>/dev/null",
+        }
+
     def check(self, conn: Any, ctx: StepContext) -> bool:
         vs = versions_for(ctx)
-        out = probe(conn, {
-            "keyring": f"dpkg-query -W -f='${{Status}}' {KEYRING_PACKAGE} 2>/dev/null",
-            "sources": f"grep -rhs '{vs.cuda_repo_url.rstrip('/')}' /etc/apt/sources.list.d/",
-            "pin": f"cat {APT_PIN_FILE} 2>/dev/null",
-        })
+        out = probe(conn, self.probe_sections(ctx))
         return (
             out.get("keyring", "").endswith("installed")
             and bool(out.get("sources"))
@@ -75,7 +79,7 @@ class NvidiaRepoStep(Step):
             Cmd(f"install -d -m 0755 {CACHE_DIR}", sudo=True, desc="root-owned download directory"),
             Cmd(f"curl -fsSL --retry 3 -o {deb} {vs.cuda_keyring_url}", sudo=True,
                 desc="NVIDIA's CUDA repository keyring (the signing key and the apt source)"),
-            Cmd(f"dpkg -i {deb}", sudo=True, desc="install the keyring"),
+            apt_install(deb, desc="install the keyring (apt waits for the dpkg lock; plain dpkg -i would not)"),
             write_file(APT_PIN_FILE, pin_lines(vs), desc=f"pin NVIDIA driver packages to {vs.driver_version}"),
             Cmd("apt-get update", sudo=True, desc="read the new repository", timeout=600.0),
         ]
@@ -116,16 +120,18 @@ class NvidiaDriverStep(Step):
         vs = versions_for(ctx)
         return fingerprint_of(self.name, vs.driver_version, vs.driver_package(gpu_model_of(ctx)))
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
-        vs = versions_for(ctx)
-        out = probe(conn, {
+    def probe_sections(self, ctx: StepContext) -> dict[str, str]:
+        return {
             "smi": "nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null",
             "proc": "cat /proc/driver/nvidia/version 2>/dev/null",
             "persistenced": "systemctl is-active nvidia-persistenced 2>/dev/null",
-        })
+        }
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        vs = versions_for(ctx)
+        out = probe(conn, self.probe_sections(ctx))
         loaded = {v.strip() for v in out.get("smi", "").splitlines() if v.strip()}
-        proc = out.get("proc", "")
-        flavor = "" if not proc else ("open" if "Open Kernel Module" in proc else "proprietary")
+        flavor = parse_driver_flavor(out.get("proc", ""))
         return loaded == {vs.driver_version} and flavor == expected_flavor(ctx) and out.get("persistenced") == "active"
 
     def plan(self, ctx: StepContext) -> list[Cmd]:
@@ -177,14 +183,17 @@ class FabricManagerStep(Step):
         vs = versions_for(ctx)
         return fingerprint_of(self.name, vs.fabric_manager_package, vs.fabric_manager)
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
+    def probe_sections(self, ctx: StepContext) -> dict[str, str]:
         # The binary's own version, not dpkg's: newer Ubuntu multiverse nvidia-fabricmanager-<old> packages
         # are empty transitional packages that pull in a newer branch's binary.
-        vs = versions_for(ctx)
-        out = probe(conn, {
+        return {
             "version": "nv-fabricmanager --version 2>/dev/null",
             "active": "systemctl is-active nvidia-fabricmanager 2>/dev/null",
-        })
+        }
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        vs = versions_for(ctx)
+        out = probe(conn, self.probe_sections(ctx))
         return running_version(out.get("version", "")) == vs.fabric_manager and out.get("active") == "active"
 
     def plan(self, ctx: StepContext) -> list[Cmd]:

@@ -1,0 +1,96 @@
+"""The shell the GPU steps rely on, run for real: the facts command, file writes, and verify snippets
+against a stand-in nvidia-smi (no GPU here, so the stand-in prints what the real one would)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from provision.facts import GATHER_COMMAND, parse_facts
+from provision.plan import plan_context
+from provision.steps.efa import nccl_env_lines
+from provision.steps.gpu import GPU_STEPS
+from provision.steps.gpu_common import write_file
+from provision.steps.nvidia import pin_lines
+from provision.versions import version_set
+
+pytestmark = pytest.mark.integration
+STEPS = {step.name: step for step in GPU_STEPS}
+
+
+def sh(command: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_gather_command_runs_in_sh_and_parses():
+    proc = sh(GATHER_COMMAND)
+    assert proc.returncode == 0, proc.stderr
+    facts = parse_facts(proc.stdout)
+    assert facts.os_id and facts.kernel and facts.cpus > 0 and facts.mem_gib > 0
+
+
+@pytest.mark.parametrize("lines", [nccl_env_lines(True), pin_lines(version_set("ubuntu-22.04"))])
+def test_write_file_writes_the_lines_verbatim(tmp_path, lines):
+    target = tmp_path / "out"
+    cmd = write_file(str(target), lines, desc="test")
+    assert sh(cmd.run).returncode == 0
+    assert target.read_text().splitlines() == lines
+
+
+def test_nccl_env_file_sources_into_the_efa_library_path(tmp_path):
+    env_file = tmp_path / "nccl.env"
+    assert sh(write_file(str(env_file), nccl_env_lines(True), desc="").run).returncode == 0
+    out = sh(f'LD_LIBRARY_PATH=/usr/lib/x; . {env_file}; echo "$FI_PROVIDER $FI_EFA_USE_DEVICE_RDMA $LD_LIBRARY_PATH"')
+    assert out.stdout.split() == [
+        "efa", "1",
+        "/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu:/opt/amazon/ofi-nccl/lib:/opt/amazon/efa/lib:/usr/lib/x",
+    ]
+
+
+def fake_nvidia_smi(tmp_path: Path, lines: list[str]) -> dict:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "nvidia-smi"
+    tool.write_text("#!/bin/sh\n" + "".join(f"echo {shlex.quote(line)}\n" for line in lines))
+    tool.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    "loaded, ok",
+    [(["580.167.08"] * 8, True), (["580.167.08"] * 7 + ["570.172.08"], False), ([], False)],
+)
+def test_driver_verify_snippet(tmp_path, loaded, ok):
+    ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
+    verify = STEPS["nvidia-driver"].plan(ctx)[-1]
+    proc = sh(shlex.split(verify.run)[2], env=fake_nvidia_smi(tmp_path, loaded))
+    assert (proc.returncode == 0) is ok
+    if not ok:
+        assert "expected 580.167.08" in proc.stderr
+
+
+@pytest.mark.parametrize("gpus, ok", [(8, True), (7, False)])
+def test_gpu_count_verify_snippet(tmp_path, gpus, ok):
+    ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
+    count = STEPS["gpu-verify"].plan(ctx)[0]
+    proc = sh(shlex.split(count.run)[2], env=fake_nvidia_smi(tmp_path, [str(i) for i in range(gpus)]))
+    assert (proc.returncode == 0) is ok
+    if not ok:
+        assert "nvidia-smi sees 7 GPUs, expected 8" in proc.stderr
+
+
+def test_torch_check_fails_loudly_when_torch_cannot_use_cuda():
+    """The verify step's inline script, run by this machine's CPU-only torch: it must exit non-zero and say why,
+    never report a node ready with torch.cuda.is_available() false."""
+    import sys
+
+    ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
+    words = shlex.split(STEPS["gpu-verify"].plan(ctx)[1].run)
+    assert words[0] == "/opt/gpuforge/venv/bin/python" and words[-2:] == ["8", "13.0"]
+    proc = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "cannot use the GPUs: torch.cuda.is_available() is False" in proc.stderr

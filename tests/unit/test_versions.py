@@ -1,0 +1,169 @@
+"""The version matrix: data consistency, GPU generations, torch builds, driver decisions, image families."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from provision.errors import MatrixError
+from provision.versions import (
+    IMAGE_FAMILY_RE,
+    check_driver,
+    gpu_family,
+    image_family,
+    load_matrix,
+    matrix_markdown,
+    matrix_table,
+    min_driver_for_cuda,
+    open_kernel_modules,
+    parse_version,
+    supported_os,
+    torch_requirement,
+    version_set,
+)
+
+
+def test_supported_os_are_the_two_ubuntu_lts():
+    assert supported_os() == ["ubuntu-22.04", "ubuntu-24.04"]
+
+
+def test_unknown_os_names_it_and_the_supported_ones():
+    with pytest.raises(MatrixError, match=r"debian-12; supported: ubuntu-22.04, ubuntu-24.04"):
+        version_set("debian-12")
+
+
+@pytest.mark.parametrize("os_name", ["ubuntu-22.04", "ubuntu-24.04"])
+def test_each_row_is_consistent(os_name):
+    vs = version_set(os_name)
+    assert vs.fabric_manager == vs.driver_version  # same full version string
+    assert vs.driver_version.startswith(vs.driver_branch + ".")
+    assert parse_version(vs.driver_version) >= parse_version(min_driver_for_cuda(vs.cuda))
+    assert vs.cuda_toolkit.startswith(vs.cuda + ".")
+    assert vs.torch_index_url() == f"https://download.pytorch.org/whl/cu{vs.cuda.replace('.', '')}"
+    assert vs.nccl_deb_version == f"{vs.nccl}-1+cuda{vs.cuda}"
+    assert vs.cuda_keyring_url.endswith(f"/{vs.cuda_repo}/x86_64/cuda-keyring_1.1-1_all.deb")
+
+
+@pytest.mark.parametrize(
+    "cuda, driver",
+    [("11.8", "450.80.02"), ("12.8", "525.60.13"), ("12.9", "525.60.13"), ("13.0", "580.65.06")],
+)
+def test_min_driver_for_cuda(cuda, driver):
+    assert min_driver_for_cuda(cuda) == driver
+
+
+def test_min_driver_for_unknown_cuda_is_refused():
+    with pytest.raises(MatrixError, match="14.0"):
+        min_driver_for_cuda("14.0")
+
+
+@pytest.mark.parametrize(
+    "model, family, open_modules",
+    [
+        ("NVIDIA A100-SXM4-40GB", "A100", True),
+        ("GA100 [A100 SXM4 40GB]", "A100", True),
+        ("NVIDIA H100 80GB HBM3", "H100", True),
+        ("NVIDIA H200", "H200", True),
+        ("NVIDIA A10G", "A10G", True),
+        ("AD104GL [L4]", "L4", True),
+        ("Tesla T4", "T4", True),
+        ("NVIDIA L40S", "L40S", True),
+        ("B200", "B200", True),
+        ("Tesla V100-SXM2-16GB", "V100", False),
+        ("Tesla P100-PCIE-16GB", "P100", False),
+        ("Tesla P4", "P4", False),
+    ],
+)
+def test_open_kernel_modules_follow_the_gpu_generation(model, family, open_modules):
+    assert gpu_family(model) == family
+    assert open_kernel_modules(model) is open_modules
+
+
+@pytest.mark.parametrize("model, message", [("Tesla K80", "not supported by the R580"), ("Radeon MI300X", "unknown GPU")])
+def test_unsupported_or_unknown_gpus_are_refused(model, message):
+    with pytest.raises(MatrixError, match=message):
+        open_kernel_modules(model)
+
+
+@pytest.mark.parametrize(
+    "has_gpu, model, index",
+    [
+        (True, "", "https://download.pytorch.org/whl/cu130"),
+        (True, "NVIDIA H100 80GB HBM3", "https://download.pytorch.org/whl/cu130"),
+        (True, "Tesla V100-SXM2-16GB", "https://download.pytorch.org/whl/cu126"),
+        (False, "", "https://download.pytorch.org/whl/cpu"),
+    ],
+)
+def test_torch_requirement(has_gpu, model, index):
+    assert torch_requirement("ubuntu-22.04", has_gpu, model) == ("torch==2.13.0", index)
+
+
+def test_torch_cuda_version_for_legacy_gpus():
+    vs = version_set("ubuntu-24.04")
+    assert vs.torch_cuda_version("A100") == "13.0" and vs.torch_cuda_version("V100") == "12.6"
+
+
+@pytest.mark.parametrize(
+    "existing, packaging, decision",
+    [
+        ("", "", "upgrade"),  # no driver yet
+        ("580.167.08", "apt", "ok"),
+        ("580.167.08", "runfile", "ok"),  # a DLAMI/baked image with exactly our driver is left alone
+        ("550.90.07", "apt", "upgrade"),  # older apt driver: upgraded in place
+        ("580.173.02", "apt", "upgrade"),  # same branch, other build: apt moves to the pin
+    ],
+)
+def test_check_driver_decisions(existing, packaging, decision):
+    assert check_driver(existing, version_set("ubuntu-22.04"), packaging) == decision
+
+
+@pytest.mark.parametrize(
+    "existing, packaging, message",
+    [
+        ("570.172.08", "runfile", r"570\.172\.08 was installed with NVIDIA's \.run installer.*nvidia-uninstall"),
+        ("570.172.08", "", r"no apt package provides it"),
+        ("590.48.01", "apt", r"newer branch than the tested R580"),
+    ],
+)
+def test_check_driver_refuses_what_it_cannot_replace(existing, packaging, message):
+    with pytest.raises(MatrixError, match=message):
+        check_driver(existing, version_set("ubuntu-22.04"), packaging)
+
+
+@pytest.mark.parametrize(
+    "os_name, family",
+    [("ubuntu-22.04", "gpuforge-ubuntu2204-cu130-torch213"), ("ubuntu-24.04", "gpuforge-ubuntu2404-cu130-torch213")],
+)
+def test_image_family_follows_gcp_naming_rules(os_name, family):
+    assert image_family(os_name) == family
+    assert IMAGE_FAMILY_RE.match(family) and len(family) <= 63
+
+
+def test_matrix_table_has_a_row_per_os_for_the_readme():
+    rows = matrix_table()
+    assert [r["os"] for r in rows] == supported_os()
+    assert rows[0]["fabric_manager"] == version_set(rows[0]["os"]).driver_version
+    table = matrix_markdown()
+    assert table.splitlines()[0].startswith("| os | driver |") and "ubuntu-24.04" in table
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"fabric_manager": "580.159.04"}, "fabric_manager 580.159.04 must equal driver_version"),
+        ({"driver_version": "570.172.08", "fabric_manager": "570.172.08"}, "not on branch 580"),
+        ({"driver_branch": "575", "driver_version": "575.57.08", "fabric_manager": "575.57.08"}, "older than CUDA 13.0 needs"),
+        ({"torch_cuda": "cu128"}, "does not match CUDA 13.0"),
+    ],
+)
+def test_inconsistent_rows_are_refused_where_declared(change, message):
+    with pytest.raises(MatrixError, match=message):
+        dataclasses.replace(version_set("ubuntu-22.04"), **change)
+
+
+def test_matrix_file_with_unknown_keys_is_refused(tmp_path):
+    bad = tmp_path / "versions.toml"
+    bad.write_text('[os."ubuntu-22.04"]\ndriver = "580"\n')
+    with pytest.raises(MatrixError, match=r"unknown keys \['driver'\]"):
+        load_matrix(bad)
