@@ -114,8 +114,14 @@ def catalog_row(ctx: StepContext) -> InstanceType | None:
 
 
 def expected_gpu_count(ctx: StepContext) -> int:
-    """GPUs this node should show: the catalog's count (accelerator count on GCP n1), else what the bus shows."""
+    """GPUs this node should show: the catalog's count (on GCP n1, the count in ctx.options["accelerator"],
+    e.g. `nvidia-tesla-t4:4`), else what the bus shows."""
     row = catalog_row(ctx)
+    accelerator = ctx.options.get("accelerator")
+    if row is not None and accelerator:
+        from infra.catalog import parse_accelerator
+
+        return parse_accelerator(accelerator)[1]
     if row is not None and row.gpu_count:
         return row.gpu_count
     if ctx.facts and ctx.facts.gpu_pci_count:

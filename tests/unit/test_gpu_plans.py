@@ -308,6 +308,20 @@ def test_driver_fingerprint_does_not_change_once_the_driver_is_loaded():
     assert step.fingerprint(fresh) == step.fingerprint(loaded)
 
 
+@pytest.mark.parametrize(
+    "cloud, instance_type, options, on_bus, expected",
+    [
+        ("aws", "p4d.24xlarge", {}, 7, 8),  # the catalog, not the (short) bus, sets the bar
+        ("gcp", "n1-standard-8", {"accelerator": "nvidia-tesla-t4:4"}, 3, 4),
+        ("hosts", "", {}, 2, 2),  # no catalog row: what the bus shows
+    ],
+)
+def test_gpu_verify_expects_the_catalog_count(cloud, instance_type, options, on_bus, expected):
+    ctx = fixture_ctx("gcp_n1_t4_nodriver.txt", cloud, instance_type, gpu_pci_count=on_bus)
+    ctx.options.update(options, cloud=cloud)
+    assert f'[ "$n" -eq {expected} ]' in STEPS["gpu-verify"].plan(ctx)[0].run
+
+
 def test_gpu_verify_always_runs():
     ctx = fixture_ctx("aws_p4d_a100.txt", "aws", "p4d.24xlarge")
     assert STEPS["gpu-verify"].check(MockContext(run={}), ctx) is False
