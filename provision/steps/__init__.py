@@ -1,0 +1,16 @@
+"""Provisioning steps, in the order `fab setup` runs them on every node."""
+
+from __future__ import annotations
+
+from provision.steps.base import Step
+from provision.steps.core import BaseStep, PythonEnvStep, VerifyStep, WorkloadStep
+from provision.steps.gpu import GPU_SYSTEM_STEPS, GPU_VERIFY_STEP
+
+
+def all_steps() -> list[Step]:
+    """base; the GPU system steps (skipped without a GPU); python env; our code; verify."""
+    return [BaseStep(), *GPU_SYSTEM_STEPS, PythonEnvStep(), WorkloadStep(), GPU_VERIFY_STEP, VerifyStep()]
+
+
+def step_names() -> list[str]:
+    return [s.name for s in all_steps()]

@@ -1,0 +1,253 @@
+"""The embedded local cluster: each node is a real OpenSSH server on its own loopback address.
+
+    create_local_cluster("demo", nodes=2, home=Path("~/.gpuforge"))   # what `fab up` does
+    destroy_local_cluster(state_dir)                                   # what `fab down` does
+
+Each node has its own address (127.0.0.2, 127.0.0.3, ...), port, sshd config and directory (its
+"disk"); the cluster has one host key, one client key (0600) and a known_hosts that pins the host
+key, and a shared storage directory (`file://`), as NFS would be. Everything lives under the
+cluster's state dir, and teardown kills exactly the processes that reference it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from infra.cluster import ClusterInfo, NodeInfo
+from infra.errors import ClusterError, SshdMissingError
+
+logger = logging.getLogger(__name__)
+
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
+FIRST_HOST = 2  # 127.0.0.1 is the controller's own address; nodes start at 127.0.0.2
+MAX_LOCAL_NODES = 64
+SSHD_READY_TIMEOUT_S = 10.0
+TERM_GRACE_S = 3.0  # between SIGTERM and SIGKILL at teardown
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress {address}
+HostKey {host_key}
+PidFile {pid_file}
+AuthorizedKeysFile {authorized_keys}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+UsePAM no
+PermitRootLogin prohibit-password
+StrictModes no
+MaxStartups 100:30:200
+MaxSessions 100
+AllowTcpForwarding no
+X11Forwarding no
+PrintMotd no
+# Skip shell start-up files that would run for every command (pyenv init costs ~60 ms each):
+SetEnv SHLVL=1 GPUFORGE_NODE_DIR={node_dir}
+Subsystem sftp internal-sftp
+"""
+
+
+def find_sshd() -> str:
+    for path in (shutil.which("sshd"), *SSHD_CANDIDATES):
+        if path and os.access(path, os.X_OK):
+            return path
+    raise SshdMissingError(
+        "the local cluster needs the OpenSSH server (sshd), which is not installed; "
+        "install it with: sudo apt-get install -y openssh-server"
+    )
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def generate_key(path: Path, comment: str) -> str:
+    """An ed25519 key pair at path (private 0600) and path.pub; returns the public key line."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True, capture_output=True)
+    path.chmod(0o600)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def wait_for_port(address: str, port: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SSHD_READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterError(f"sshd for {address}:{port} exited with {proc.returncode}: {log.read_text()[-500:]}")
+        try:
+            with socket.create_connection((address, port), timeout=0.5) as s:
+                if s.recv(64).startswith(b"SSH-"):
+                    return
+        except OSError:
+            time.sleep(0.02)
+    raise ClusterError(f"sshd for {address}:{port} did not answer within {SSHD_READY_TIMEOUT_S:.0f} s; see {log}")
+
+
+def state_dir_for(home: Path, name: str) -> Path:
+    return Path(home).expanduser() / "clusters" / name
+
+
+def create_local_cluster(name: str, nodes: int, home: Path) -> ClusterInfo:
+    """Start `nodes` sshd nodes and write the cluster record; on any failure, tear down what started."""
+    if not 1 <= nodes <= MAX_LOCAL_NODES:
+        raise ClusterError(f"a local cluster has 1..{MAX_LOCAL_NODES} nodes; got {nodes}")
+    sshd = find_sshd()
+    state = state_dir_for(home, name)
+    if (state / "cluster.json").exists():
+        raise ClusterError(f"cluster {name} already exists at {state}; `fab down --cluster {name}` first")
+    keys = state / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation dir
+    host_pub = generate_key(keys / "host_ed25519", f"gpuforge-{name}-host")
+    client_pub = generate_key(keys / "id_ed25519", f"gpuforge-{name}")
+    (keys / "authorized_keys").write_text(client_pub + "\n")
+    storage = state / "storage"
+    storage.mkdir(exist_ok=True)
+    infos, known = [], []
+    try:
+        for rank in range(nodes):
+            info = start_node(sshd, state, rank, keys)
+            infos.append(info)
+            known.append(f"[{info.public_address}]:{info.ssh_port} {' '.join(host_pub.split()[:2])}")
+    except BaseException:
+        stop_processes(state)
+        shutil.rmtree(state, ignore_errors=True)
+        raise
+    (keys / "known_hosts").write_text("\n".join(known) + "\n")
+    cluster = ClusterInfo(
+        name=name, cloud="local", nodes=tuple(infos), region="local", storage_url=storage.as_uri(),
+        state_dir=str(state), known_hosts=str(keys / "known_hosts"),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    cluster.save(state / "cluster.json")
+    return cluster
+
+
+def start_node(sshd: str, state: Path, rank: int, keys: Path) -> NodeInfo:
+    address = f"127.0.0.{FIRST_HOST + rank}"
+    port = free_port(address)
+    node_dir = state / "nodes" / f"node-{rank}"
+    node_dir.mkdir(parents=True, exist_ok=True)
+    config = node_dir / "sshd_config"
+    config.write_text(SSHD_CONFIG.format(
+        port=port, address=address, host_key=keys / "host_ed25519", pid_file=node_dir / "sshd.pid",
+        authorized_keys=keys / "authorized_keys", node_dir=node_dir))
+    log = node_dir / "sshd.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port(address, port, proc, log)
+    return NodeInfo(name=f"node-{rank}", rank=rank, public_address=address, private_address=address,
+                    ssh_port=port, user=os.environ.get("USER") or "root", key_path=str(keys / "id_ed25519"),
+                    workdir=str(node_dir), instance_type="local")
+
+
+def node_sshd_command(cluster: ClusterInfo, rank: int) -> list[str]:
+    """The command that (re)starts a node's sshd: what a node "boot" runs."""
+    return [find_sshd(), "-D", "-e", "-f", str(Path(cluster.node(rank).workdir) / "sshd_config")]
+
+
+def restart_node(cluster: ClusterInfo, rank: int) -> None:
+    """Start a node's sshd again after it stopped (a node coming back from a reboot)."""
+    node = cluster.node(rank)
+    log = Path(node.workdir) / "sshd.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(node_sshd_command(cluster, rank), stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_for_port(node.public_address, node.ssh_port, proc, log)
+
+
+def stop_node(cluster: ClusterInfo, rank: int) -> bool:
+    """Stop one node's sshd (a node going down); returns whether one was running."""
+    config = str(Path(cluster.node(rank).workdir) / "sshd_config")
+    pids = [pid for pid, cmd in our_processes(Path(cluster.state_dir)) if is_sshd(cmd) and config in " ".join(cmd)]
+    kill_pids(pids)
+    return bool(pids)
+
+
+def our_processes(state: Path) -> list[tuple[int, list[str]]]:
+    """Processes whose command line or working directory is inside this cluster's state dir:
+    its sshd daemons, and the jobs and shells running in its node directories. Nothing else."""
+    marker = str(state.resolve())
+    table: dict[int, tuple[int, list[str], bool]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = [c for c in (entry / "cmdline").read_bytes().decode(errors="replace").split("\0") if c]
+            cwd = os.readlink(entry / "cwd")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        mine = any(marker + "/" in part or part == marker for part in cmd) or cwd == marker or cwd.startswith(marker + "/")
+        table[int(entry.name)] = (ppid, cmd, mine)
+    owned = {pid for pid, (_, _, mine) in table.items() if mine}
+    grew = True
+    while grew:  # descendants too: the per-connection sshd processes and whatever they run
+        new = {pid for pid, (ppid, _, _) in table.items() if ppid in owned and pid not in owned}
+        owned |= new
+        grew = bool(new)
+    return [(pid, table[pid][1] or ["?"]) for pid in sorted(owned)]
+
+
+def kill_pids(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + TERM_GRACE_S
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if pid_alive(p)]
+            time.sleep(0.02)
+        pids = alive
+        if not pids:
+            return
+
+
+def is_sshd(cmd: list[str]) -> bool:
+    """sshd rewrites its title to `sshd: /usr/sbin/sshd -D ... [listener]` or `sshd: root@notty`."""
+    return cmd[0].startswith("sshd") or Path(cmd[0].split()[0]).name == "sshd"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie is dead; its parent reaps it
+
+
+def stop_processes(state: Path) -> int:
+    """Kill every process of this cluster (jobs first, then sshd); returns how many there were."""
+    procs = our_processes(state)
+    jobs = [pid for pid, cmd in procs if not is_sshd(cmd)]
+    daemons = [pid for pid, _ in procs if pid not in jobs]
+    kill_pids(jobs)
+    kill_pids(daemons)
+    leftover = our_processes(state)  # a job may have forked while we were killing its parent
+    kill_pids([pid for pid, _ in leftover])
+    return len(procs)
+
+
+def destroy_local_cluster(state: Path) -> str:
+    """Stop everything the cluster started and remove its state; safe to call twice."""
+    state = Path(state)
+    if not state.exists():
+        return f"nothing to remove at {state}"
+    count = stop_processes(state)
+    shutil.rmtree(state, ignore_errors=True)
+    return f"stopped {count} process(es) and removed {state}"

@@ -1,0 +1,152 @@
+"""The steps every node gets, GPU or not: base directories, Python env, our code, verify."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import sysconfig
+from pathlib import PurePosixPath
+from typing import Any
+
+from provision.steps.base import Cmd, Step, StepContext, fingerprint_of, run_cmd, run_plan
+from provision.versions import torch_requirement
+
+# What a node's venv needs besides torch (the `train` extra of pyproject.toml, minus torch, whose
+# build comes from the version matrix) and what the supervisor and trainer import.
+NODE_PACKAGES = ("numpy", "scikit-learn", "tensorboard", "boto3", "google-cloud-storage", "pydantic", "rich", "pyyaml")
+SOURCE_STAMP = "gpuforge-source.txt"  # in the venv: the source fingerprint of the installed wheel
+
+
+def q(path: str) -> str:
+    return shlex.quote(path)
+
+
+class BaseStep(Step):
+    name = "base"
+    description = "working directories; python3 with venv support"
+
+    def plan(self, ctx: StepContext) -> list[Cmd]:
+        w = q(ctx.workdir)
+        dirs = f"{w}/.gpuforge/markers {w}/runs {w}/wheels"
+        if ctx.is_local:
+            return [Cmd(f"mkdir -p {dirs}", desc="node directories")]
+        return [
+            Cmd(f"mkdir -p {w} && chown $SUDO_UID:$SUDO_GID {w}", sudo=True, desc="work directory owned by the login user"),
+            Cmd(f"mkdir -p {dirs}", desc="node directories"),
+            Cmd("python3 -c 'import ensurepip, venv' 2>/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get update -q"
+                " && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip)",
+                sudo=True, desc="python3 with venv", timeout=600),
+        ]
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        return conn.run(f"test -d {q(ctx.workdir)}/.gpuforge/markers", hide=True, warn=True).ok
+
+
+class PythonEnvStep(Step):
+    name = "python_env"
+    description = "a venv in the node directory with torch at the matrix's version"
+
+    def expected_torch(self, ctx: StepContext) -> tuple[str, str | None]:
+        if ctx.is_local:
+            return ctx.options["controller_torch"], None
+        facts = ctx.facts
+        return torch_requirement(facts.os_name, facts.has_gpu, facts.gpu_model)
+
+    def plan(self, ctx: StepContext) -> list[Cmd]:
+        venv, py = q(ctx.venv), q(ctx.python)
+        if ctx.is_local:
+            site = PurePosixPath(ctx.venv) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+            # Local nodes share the controller's packages (torch is not installed twice): a .pth line.
+            return [
+                Cmd(f"{q(ctx.options['controller_python'])} -m venv --without-pip {venv}", desc="venv"),
+                Cmd(f"echo {q(ctx.options['controller_site'])} > {q(str(site / 'gpuforge-controller.pth'))}",
+                    desc="controller site-packages on the node's path"),
+            ]
+        torch_spec, index = self.expected_torch(ctx)
+        index_arg = f" --index-url {q(index)}" if index else ""
+        return [
+            Cmd(f"python3 -m venv {venv}", desc="venv"),
+            Cmd(f"{py} -m pip install --quiet --upgrade pip", desc="pip", timeout=600),
+            Cmd(f"{py} -m pip install --quiet {q(torch_spec)}{index_arg}", desc="torch", timeout=1800),
+            Cmd(f"{py} -m pip install --quiet {' '.join(NODE_PACKAGES)}", desc="node packages", timeout=900),
+        ]
+
+    def fingerprint(self, ctx: StepContext) -> str:
+        return fingerprint_of(self.name, [c.run for c in self.plan(ctx)], self.expected_torch(ctx))
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        probe = "import importlib.metadata as m; print(m.version('torch'))"
+        result = conn.run(f"{q(ctx.python)} -c {q(probe)}", hide=True, warn=True)
+        want = self.expected_torch(ctx)[0].split("==")[-1]
+        return result.ok and result.stdout.strip().split("+")[0] == want.split("+")[0]
+
+
+class WorkloadStep(Step):
+    name = "workload"
+    description = "our code, as a wheel built on the controller, installed into the node venv"
+
+    def remote_wheel(self, ctx: StepContext) -> str:
+        return f"{ctx.workdir}/wheels/{ctx.options['wheel_name']}"
+
+    def plan(self, ctx: StepContext) -> list[Cmd]:
+        stamp = q(f"{ctx.venv}/{SOURCE_STAMP}")
+        return [
+            Cmd(f"# sftp put {ctx.options['wheel_name']} {self.remote_wheel(ctx)}", desc="upload the wheel"),
+            Cmd(f"{q(ctx.python)} -m pip install --quiet --no-deps --force-reinstall {q(self.remote_wheel(ctx))}",
+                desc="install", timeout=600),
+            Cmd(f"echo {ctx.options['source_fingerprint']} > {stamp}", desc="record the source fingerprint"),
+        ]
+
+    def fingerprint(self, ctx: StepContext) -> str:
+        return fingerprint_of(self.name, ctx.options["source_fingerprint"])
+
+    def check(self, conn: Any, ctx: StepContext) -> bool:
+        result = conn.run(f"cat {q(ctx.venv + '/' + SOURCE_STAMP)}", hide=True, warn=True)
+        return result.ok and result.stdout.strip() == ctx.options["source_fingerprint"]
+
+    def apply(self, conn: Any, ctx: StepContext) -> None:
+        wheel = ctx.options["wheel_path"]()  # built on first need, once per setup
+        remote = self.remote_wheel(ctx)
+        run_cmd(conn, ctx.node.name, self.name, Cmd(f"mkdir -p {q(str(PurePosixPath(remote).parent))}"))
+        conn.put(str(wheel), remote)
+        run_plan(conn, ctx, self.name, self.plan(ctx)[1:])
+
+
+VERIFY_SCRIPT = (
+    "import json, platform, torch, workloads.trainer, workloads.supervise; "
+    "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, "
+    "'cuda': torch.cuda.is_available(), 'gpus': torch.cuda.device_count()}))"
+)
+
+
+class VerifyStep(Step):
+    name = "verify"
+    description = "the node venv imports torch and our trainer"
+
+    def plan(self, ctx: StepContext) -> list[Cmd]:
+        return [Cmd(f"cd {q(ctx.workdir)} && {q(ctx.python)} -c {q(VERIFY_SCRIPT)}", desc="import check", timeout=300)]
+
+    def fingerprint(self, ctx: StepContext) -> str:
+        return fingerprint_of(self.name, ctx.options["source_fingerprint"], PythonEnvStep().fingerprint(ctx))
+
+    def apply(self, conn: Any, ctx: StepContext) -> None:
+        result = run_cmd(conn, ctx.node.name, self.name, self.plan(ctx)[0])
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        if ctx.facts is not None and ctx.facts.has_gpu and not report["cuda"]:
+            from provision.errors import StepError
+
+            raise StepError(ctx.node.name, self.name, VERIFY_SCRIPT, 0,
+                            f"torch {report['torch']} sees no GPU although the node has {ctx.facts.gpu_count}")
+        ctx.options.setdefault("verify_reports", {})[ctx.node.name] = report
+
+
+def controller_options() -> dict[str, Any]:
+    """What local nodes reuse from the controller's Python."""
+    import importlib.metadata
+
+    return {
+        "controller_python": sys.executable,
+        "controller_site": sysconfig.get_paths()["purelib"],
+        "controller_torch": f"torch=={importlib.metadata.version('torch')}",
+    }
