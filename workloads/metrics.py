@@ -56,7 +56,7 @@ class MetricsLogger:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
-        if self.run_dir:
+        if self.run_dir and kind == "train":
             write_progress(Path(self.run_dir), {"step": step, "total_steps": self.total_steps, "kind": kind, **values})
 
     def print(self, step: int, values: dict[str, Any]) -> None:
@@ -76,7 +76,8 @@ class MetricsLogger:
             self.writer.flush()
         if self.synced:
             return
-        self.store.upload_file("metrics.jsonl", self.path)
+        if self.path.exists():
+            self.store.upload_file("metrics.jsonl", self.path)
         for path in sorted((self.local_dir / "tb").glob("**/*")) if self.writer is not None else []:
             if path.is_file():
                 self.store.upload_file("tb/" + path.relative_to(self.local_dir / "tb").as_posix(), path)

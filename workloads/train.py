@@ -25,13 +25,22 @@ from pathlib import Path
 DEFAULT_STORAGE = "./storage"
 
 
+def default_storage() -> str:
+    """$GPUFORGE_STORAGE is the run's own URL (<storage>/runs/<run id>) under the launcher; the
+    storage root is what --storage takes."""
+    url, run_id = os.environ.get("GPUFORGE_STORAGE", ""), os.environ.get("GPUFORGE_RUN_ID", "")
+    if url and run_id and url.rstrip("/").endswith(f"/runs/{run_id}"):
+        return url.rstrip("/")[: -len(f"/runs/{run_id}")]
+    return url or DEFAULT_STORAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workloads.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides are key=value pairs of TrainConfig fields (workloads/config.py), e.g. lr=0.01 max_steps=100.")
     p.add_argument("--job", help="job name (see --list)")
     p.add_argument("--list", action="store_true", help="list the jobs, one line each")
-    p.add_argument("--storage", default=os.environ.get("GPUFORGE_STORAGE", DEFAULT_STORAGE),
+    p.add_argument("--storage", default=default_storage(),
                    help="file://, s3:// or gs:// URL (or a path); default $GPUFORGE_STORAGE or ./storage")
     p.add_argument("--run-id", default=os.environ.get("GPUFORGE_RUN_ID"), help="default: $GPUFORGE_RUN_ID or <job>-<time>")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -45,7 +54,8 @@ def storage_url(raw: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    logging.getLogger("workloads").setLevel(logging.DEBUG if args.debug else logging.INFO)
     from workloads.errors import WorkloadError
 
     if args.list:

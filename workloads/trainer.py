@@ -167,8 +167,8 @@ class Trainer:
         self.net.train()
         while self.step < self.total_steps:
             loss = self.train_step()
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self.log_train(loss, started, start_step)
+            if self.step % cfg.log_every == 0 or self.step in (self.total_steps, start_step + 1):
+                self.log_train(loss, started, start_step)  # the first step too: it tells the launcher training began
             if self.step % self.eval_every == 0 and self.step < self.total_steps:
                 self.log_eval(self.evaluate("val"))
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
@@ -181,6 +181,9 @@ class Trainer:
     def log_train(self, loss: torch.Tensor, started: float, start_step: int) -> None:
         loss = self.rt.all_reduce_sum(loss.detach().float().clone()) / self.rt.world
         elapsed = max(time.monotonic() - started, 1e-9)
+        if not math.isfinite(loss.item()):
+            raise WorkloadError(f"loss is {loss.item()} at step {self.step}: training diverged; "
+                                f"try a lower lr (now {self.cfg.lr}) or grad_clip=1.0")
         values = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
                   "samples_per_s": round((self.step - start_step) * self.cfg.batch_size / elapsed, 1)}
         if self.metrics is not None:

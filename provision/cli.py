@@ -1,0 +1,87 @@
+"""What makes `fab` behave like a product CLI: argv conveniences, one-line errors, rich output.
+
+- `fab train --job NAME key=value ...`: bare key=value words become the task's overrides.
+- `fab exec -- CMD` and `fab train --script train.py -- ARGS`: the words after `--` go to the task
+  (Fabric would otherwise try to run them as a shell command on `-H` hosts).
+Both are applied by `adopt_fab_argv()`, which the repo's fabfile.py calls while Fabric loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from typing import Iterator
+
+from invoke.exceptions import Exit
+
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
+REMAINDER: list[str] = []
+OVERRIDES: list[str] = []
+OVERRIDE_TASKS = ("train",)
+
+
+def adopt_fab_argv() -> None:
+    """Rewrite the running `fab` program's unparsed task words (see the module docstring)."""
+    main = sys.modules.get("fabric.main")
+    program = getattr(main, "program", None)
+    core = getattr(program, "core", None)
+    if core is None:
+        return
+    argv = sys.argv[1:]
+    if "--" in argv:
+        REMAINDER[:] = argv[argv.index("--") + 1 :]
+        core.remainder = ""  # handled by our tasks, not Fabric's host runner
+    unparsed = core.unparsed
+    if not unparsed or unparsed[0] not in OVERRIDE_TASKS:
+        return
+    kept = [unparsed[0]]
+    for word in unparsed[1:]:
+        if OVERRIDE.match(word) and kept[-1] not in VALUE_FLAGS:
+            OVERRIDES.append(word)
+        else:
+            kept.append(word)
+    unparsed[:] = kept
+
+
+# train's flags that take a value: a `key=value` right after one of them is that flag's value
+VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r", "--cluster", "-c",
+               "--nproc-per-node", "--start-timeout", "--set", "--env", "--storage"}
+
+
+def remainder_command() -> str:
+    """The words after `--`, joined with spaces as ssh does (`fab exec -- 'a | b'` keeps the pipe)."""
+    return " ".join(REMAINDER)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("GPUFORGE_DEBUG", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Our own errors become one line on stderr and exit status 1 (2 for bad input); tracebacks
+    only with GPUFORGE_DEBUG=1."""
+    from infra.errors import InfraError
+    from provision.errors import ProvisionError
+    from workloads.errors import ConfigError, WorkloadError
+
+    try:
+        yield
+    except (ConfigError, ValueError) as exc:
+        if debug_enabled():
+            raise
+        raise Exit(f"error: {exc}", code=2) from None
+    except (InfraError, ProvisionError, WorkloadError) as exc:
+        if debug_enabled():
+            raise
+        raise Exit(f"error: {exc}", code=1) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted", code=130) from None
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False)

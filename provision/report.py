@@ -1,0 +1,180 @@
+"""What the `fab` tasks print: tables, progress displays and one-line outcomes (rich)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from infra.cluster import ClusterInfo
+from provision.runner import CHANGED, FAILED, PLANNED, SKIPPED, UNCHANGED, NodeReport
+
+STYLE = {CHANGED: "green", UNCHANGED: "dim", SKIPPED: "yellow", FAILED: "bold red", PLANNED: "cyan",
+         "succeeded": "green", "failed": "bold red", "stopped": "red", "cancelled": "yellow", "running": "cyan"}
+
+
+def console() -> Console:
+    return Console(highlight=False)
+
+
+def print_cluster(cluster: ClusterInfo) -> None:
+    table = Table(title=f"cluster {cluster.name} ({cluster.cloud}{', ' + cluster.region if cluster.region else ''})")
+    for col in ("node", "ssh", "private address", "GPUs", "workdir"):
+        table.add_column(col)
+    for n in cluster.nodes:
+        table.add_row(n.name, f"{n.user}@{n.address}", n.private_address,
+                      f"{n.gpu_count} x {n.gpu_model}" if n.gpu_count else "-", n.workdir)
+    out = console()
+    out.print(table)
+    out.print(f"storage: {cluster.storage_url or '-'}; selected. Next: `fab setup`")
+
+
+def print_clusters(home: Path) -> None:
+    from provision import inventory
+
+    current = inventory.current_name(home)
+    table = Table(title="clusters")
+    for col in ("", "name", "cloud", "nodes", "storage"):
+        table.add_column(col)
+    for name in inventory.known_clusters(home):
+        c = inventory.resolve(home, name)
+        table.add_row("*" if name == current else "", name, c.cloud, str(len(c.nodes)), c.storage_url)
+    console().print(table)
+
+
+class SetupProgress:
+    """A live table: one row per node with its current step, refreshed as the runner reports."""
+
+    def __init__(self, cluster: ClusterInfo):
+        self.rows = {n.name: ("waiting", "") for n in cluster.nodes}
+        self.counts = {n.name: 0 for n in cluster.nodes}
+        self.lock = threading.Lock()
+        self.live = Live(self.render(), console=console(), refresh_per_second=8, transient=True) if sys.stdout.isatty() else None
+
+    def render(self) -> Table:
+        table = Table(show_header=True, box=None)
+        table.add_column("node")
+        table.add_column("step")
+        table.add_column("state")
+        for node, (step, state) in self.rows.items():
+            table.add_row(node, step, f"[{STYLE.get(state, 'cyan')}]{state}[/]")
+        return table
+
+    def event(self, node: str, step: str, state: str) -> None:
+        with self.lock:
+            self.rows[node] = (step or self.rows[node][0], state)
+            if self.live is not None:
+                self.live.update(self.render())
+
+    def __enter__(self) -> SetupProgress:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+
+def print_setup(cluster: ClusterInfo, reports: list[NodeReport], dry_run: bool, seconds: float) -> None:
+    out = console()
+    for r in reports:
+        facts = r.facts.summary() if r.facts else "facts unknown"
+        out.print(f"[bold]{r.node}[/] ({r.address}): {facts}")
+        for s in r.steps:
+            detail = f" - {s.detail}" if s.detail and s.status != CHANGED else ""
+            out.print(f"  [{STYLE[s.status]}]{s.status:9}[/] {s.step}{detail}"
+                      + (f" ({s.seconds:.1f} s)" if s.status == CHANGED else ""))
+        for step, cmds in r.plan:
+            out.print(f"  [cyan]plan[/] {step}:")
+            for cmd in cmds:
+                out.print(f"      {'sudo ' if cmd.sudo else ''}{cmd.run}", markup=False)
+        if r.error:
+            out.print(f"  [bold red]FAILED[/] {r.error}", markup=True)
+    gpu_skips = {s.detail for r in reports for s in r.steps if s.status == SKIPPED and "GPU" in s.detail}
+    if gpu_skips:
+        out.print("[yellow]GPU steps skipped: no NVIDIA GPU on the nodes[/]")
+    ok = sum(r.ok for r in reports)
+    changed = sum(len(r.changed) for r in reports)
+    verb = "planned" if dry_run else "set up"
+    summary = f"{ok}/{len(reports)} node(s) {verb} in {seconds:.1f} s"
+    if not dry_run:
+        summary += f"; {changed} step(s) changed" if changed else "; nothing changed"
+    out.print(summary + (f"; logs in {Path(cluster.state_dir) / 'logs'}" if not dry_run else ""))
+
+
+def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: str) -> None:
+    from infra.catalog import CLOUDS, find_instance
+    from infra.errors import CatalogError
+    from provision.plan import plan_context, render_plan
+    from provision.steps import all_steps
+
+    if not cloud:  # guess the cloud from the type: AWS types have a dot
+        cloud = "aws" if "." in instance_type else "gcp"
+    if cloud not in CLOUDS:
+        raise CatalogError(f"--cloud must be one of {', '.join(CLOUDS)}; got {cloud!r}")
+    find_instance(cloud, instance_type)
+    ctx = plan_context(cloud, instance_type, os_name, accelerator or None)
+    print(render_plan(all_steps(), ctx))
+
+
+def print_status(status: Any) -> None:
+    table = Table(title=f"run {status.run_id}: {status.state}")
+    for col in ("node", "state", "step", "loss", "exit", "reason"):
+        table.add_column(col)
+    for n in status.nodes:
+        step = f"{n.step}/{n.total_steps}" if n.step is not None else "-"
+        loss = f"{n.loss:.4f}" if isinstance(n.loss, (int, float)) else "-"
+        table.add_row(n.node, f"[{STYLE.get(n.state, 'white')}]{n.state}[/]", step, loss,
+                      "-" if n.exit_code is None else str(n.exit_code), n.reason if n.state != "running" else "")
+    console().print(table)
+
+
+def print_run_end(cluster: ClusterInfo, status: Any) -> None:
+    out = console()
+    if status.state == "succeeded":
+        out.print(f"run {status.run_id} [green]succeeded[/] on {len(status.nodes)} node(s); `fab fetch {status.run_id}`")
+        return
+    culprit = status.culprit
+    if culprit is not None:
+        node = cluster.node(culprit.node)
+        out.print(f"run {status.run_id} [bold red]failed[/]: {culprit.node} ({node.address}) {culprit.reason}")
+        if culprit.tail:
+            out.print(culprit.tail, markup=False)
+    else:
+        out.print(f"run {status.run_id} ended: {status.state}")
+
+
+def print_fetched(files: list[Path]) -> None:
+    out = console()
+    summary = next((f for f in files if f.name == "summary.json"), None)
+    out.print(f"fetched {len(files)} file(s) to {files[0].parent if files else '-'}")
+    if summary is not None:
+        import json
+
+        data = json.loads(summary.read_text())
+        if "test_accuracy" in data:
+            out.print(f"test accuracy: {data['test_accuracy']:.4f}")
+        model = next((f for f in files if f.name == "model.pth"), None)
+        if model is not None:
+            out.print(f"model: {model}")
+
+
+def print_exec(results: list[tuple[Any, Any]]) -> bool:
+    failed = False
+    for node, result in results:
+        if isinstance(result, Exception):
+            print(f"[{node.name}] unreachable: {result}")
+            failed = True
+            continue
+        for line in (result.stdout + result.stderr).splitlines():
+            print(f"[{node.name}] {line}")
+        if result.exited != 0:
+            print(f"[{node.name}] exit {result.exited}")
+            failed = True
+    return failed

@@ -1,0 +1,205 @@
+"""The node-side supervisor of one run: started detached by the launcher on every node.
+
+    python -m workloads.supervise --run-dir /opt/gpuforge/runs/<run id>
+
+It reads `run.json`, starts the command (torchrun) in its own process group with the run's
+environment, and keeps `status.json` current: starting, running, then succeeded / failed /
+cancelled / stopped, with exit code, reason and the log tail. It is the fail-fast half that lives
+on the nodes: it publishes its status to the run's storage (`<run>/nodes/<node>.json`) and stops
+its own ranks when a peer has failed or gone silent, and it fails the run when no training step
+happens within the start timeout (a hung rendezvous). SIGTERM cancels the run on this node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 0.5
+HEARTBEAT_S = 10.0  # how often a running node re-publishes its status to the run's storage
+PEER_SILENCE_S = 120.0  # a running peer silent this long is presumed dead (machine gone)
+KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL for the run's process group
+TAIL_LINES = 20
+TERMINAL = ("succeeded", "failed", "cancelled", "stopped")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def load_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines (e.g. the NCCL/EFA environment the efa step writes); comments ignored."""
+    env = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            line = line.strip().removeprefix("export ").strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip().strip('"').strip("'")
+    except OSError:
+        pass
+    return env
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        self.spec = json.loads((run_dir / "run.json").read_text())
+        self.status: dict = {"node": self.spec["node"], "rank": self.spec["node_rank"], "state": "starting",
+                             "supervisor_pid": os.getpid(), "started": time.time()}
+        self.proc: subprocess.Popen | None = None
+        self.peers_store = self._peers_store()
+        self.last_publish = 0.0
+        self.cancel_requested = False
+
+    def _peers_store(self):
+        url = self.spec.get("storage_url")
+        if not url or self.spec["nnodes"] < 2:
+            return None
+        try:
+            from workloads.storage import open_store
+
+            return open_store(url).child("runs", self.spec["run_id"], "nodes")
+        except Exception as exc:  # noqa: BLE001 - peer watch is a safety net; the run goes on without it
+            self.log(f"peer watch disabled: {exc}")
+            return None
+
+    def log(self, text: str) -> None:
+        with open(self.dir / "supervisor.log", "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+
+    def save(self, publish: bool = True) -> None:
+        self.status["updated"] = time.time()
+        write_json(self.dir / "status.json", self.status)
+        if publish and self.peers_store is not None:
+            try:
+                self.peers_store.write_bytes(f"{self.spec['node']}.json", json.dumps(self.status).encode())
+                self.last_publish = time.time()
+            except Exception as exc:  # noqa: BLE001
+                self.log(f"cannot publish status: {exc}")
+
+    def start(self) -> None:
+        env = {**os.environ, **load_env_file(self.spec.get("env_file", "")), **self.spec["env"]}
+        out = open(self.dir / "output.log", "ab")
+        self.proc = subprocess.Popen(self.spec["command"], cwd=self.spec.get("cwd") or str(self.dir), env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.status.update(state="running", pid=self.proc.pid, pgid=self.proc.pid)
+        self.save()
+        self.log(f"started pid {self.proc.pid}: {' '.join(self.spec['command'])}")
+
+    def kill_group(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def finish(self, state: str, reason: str, code: int | None) -> None:
+        self.kill_group()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group (worker grandchildren)
+            except ProcessLookupError:
+                pass
+        self.status.update(state=state, reason=reason, exit_code=code, ended=time.time(), tail=tail(self.dir / "output.log"))
+        self.save()
+        self.log(f"{state}: {reason}")
+
+    def peer_failure(self) -> str | None:
+        if self.peers_store is None:
+            return None
+        try:
+            keys = self.peers_store.list()
+        except Exception:  # noqa: BLE001 - storage hiccup: try again next round
+            return None
+        now = time.time()
+        for key in keys:
+            if key == f"{self.spec['node']}.json":
+                continue
+            try:
+                peer = json.loads(self.peers_store.read_bytes(key))
+            except Exception:  # noqa: BLE001
+                continue
+            if peer.get("state") in ("failed", "stopped", "cancelled"):
+                return f"{peer.get('node')} {peer['state']}: {peer.get('reason', '')}"
+            if peer.get("state") == "running" and now - peer.get("updated", now) > PEER_SILENCE_S:
+                return f"{peer.get('node')} went silent {now - peer['updated']:.0f} s ago (machine down?)"
+        return None
+
+    def run(self) -> int:
+        self.save()
+        self.start()
+        start_timeout = float(self.spec.get("start_timeout", 0))
+        last_peer_check = 0.0
+        while True:
+            code = self.proc.poll()
+            if self.cancel_requested:
+                self.finish("cancelled", "cancelled by the user", code)
+                return 1
+            if code is not None:
+                if code == 0:
+                    self.finish("succeeded", "exit code 0", 0)
+                    return 0
+                self.finish("failed", f"exit code {code}" + (f" (signal {-code})" if code < 0 else ""), code)
+                return 1
+            if start_timeout and not (self.dir / "progress.json").exists() and time.time() - self.status["started"] > start_timeout:
+                self.finish("failed", f"no training step within {start_timeout:.0f} s (rendezvous hung? a peer missing?)", None)
+                return 1
+            if time.time() - last_peer_check > float(self.spec.get("peer_poll", 2.0)):
+                last_peer_check = time.time()
+                failure = self.peer_failure()
+                if failure:
+                    self.finish("stopped", f"stopped because {failure}", None)
+                    return 1
+                if time.time() - self.last_publish > HEARTBEAT_S:
+                    self.save()
+            time.sleep(POLL_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workloads.supervise", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    sup = Supervisor(args.run_dir)
+
+    def cancel(signum, frame):  # noqa: ARG001
+        sup.cancel_requested = True
+
+    signal.signal(signal.SIGTERM, cancel)
+    signal.signal(signal.SIGINT, cancel)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the SSH session that started us may close
+    try:
+        return sup.run()
+    except Exception as exc:  # noqa: BLE001 - the status file must say what happened
+        sup.finish("failed", f"supervisor error: {type(exc).__name__}: {exc}", None)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
