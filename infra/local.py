@@ -168,11 +168,26 @@ def restart_node(cluster: ClusterInfo, rank: int) -> None:
 
 
 def stop_node(cluster: ClusterInfo, rank: int) -> bool:
-    """Stop one node's sshd (a node going down); returns whether one was running."""
+    """Take one node down: its sshd and every session it serves (as a machine going off would)."""
     config = str(Path(cluster.node(rank).workdir) / "sshd_config")
-    pids = [pid for pid, cmd in our_processes(Path(cluster.state_dir)) if is_sshd(cmd) and config in " ".join(cmd)]
-    kill_pids(pids)
-    return bool(pids)
+    procs = our_processes(Path(cluster.state_dir))
+    listeners = {pid for pid, cmd in procs if is_sshd(cmd) and config in " ".join(cmd)}
+    doomed = set(listeners)
+    parents = {pid: parent_pid(pid) for pid, _ in procs}
+    grew = True
+    while grew:
+        new = {pid for pid, ppid in parents.items() if ppid in doomed and pid not in doomed}
+        doomed |= new
+        grew = bool(new)
+    kill_pids(sorted(doomed))
+    return bool(listeners)
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def our_processes(state: Path) -> list[tuple[int, list[str]]]:

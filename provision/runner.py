@@ -163,7 +163,7 @@ class Runner:
         log = NodeLog(self.log_dir / f"setup-{node.name}.log")
         log.write(f"=== setup {'(dry run) ' if dry_run else ''}of {node.name} ({node.address})")
         ctx = StepContext(self.cluster, node, options={**self.options, "reboot_hook": self.reboot_hook})
-        conn = None
+        conn, current = None, ""
         try:
             self.on_event(node.name, "ssh", "running")
             conn = LoggedConnection(wait_for_ssh(self.cluster, node, self.ssh_wait), log)
@@ -174,17 +174,21 @@ class Runner:
                 self.validate_facts(node, report.facts)
             markers = read_markers(conn, ctx)
             for step in self.steps:
+                current = step.name
                 self.on_event(node.name, step.name, "running")
                 report.steps.append(self.run_step(conn, ctx, step, markers, dry_run, report))
                 self.on_event(node.name, step.name, report.steps[-1].status)
         except StepError as exc:
             report.steps.append(StepReport(exc.step, FAILED, str(exc)))
-            report.error = f"{node.name} ({node.address}): {exc}"
+            detail = str(exc).split(": ", 1)[1] if str(exc).startswith(f"{node.name}: ") else str(exc)
+            report.error = f"{node.name} ({node.address}): {detail}"
         except ProvisionError as exc:
             report.error = str(exc) if node.name in str(exc) else f"{node.name} ({node.address}): {exc}"
-        except Exception as exc:  # noqa: BLE001 - one node's surprise must not hide the others' results
+        except Exception as exc:  # noqa: BLE001 - one node's surprise (a dropped connection) must not hide the others
             logger.debug("unexpected failure on %s", node.name, exc_info=True)
-            report.error = f"{node.name} ({node.address}): {type(exc).__name__}: {exc}"
+            what = f"step {current}: " if current else ""
+            report.steps.append(StepReport(current or "ssh", FAILED, f"{type(exc).__name__}: {exc}"))
+            report.error = f"{node.name} ({node.address}): {what}lost the node ({type(exc).__name__}: {exc or 'connection closed'})"
         finally:
             if report.error:
                 log.write(f"FAILED: {report.error}")
