@@ -23,19 +23,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from images.common import (
+    BakeRun,
     BuilderInstance,
     Cleanup,
     Event,
     aws_tags,
     builder_cluster,
+    execute,
     image_metadata,
     images_to_prune,
-    interrupts_raise,
     make_builder_key,
     remove_state,
     run_provisioning,
 )
-from images.errors import BakeError, BakeSpecError, CleanupError
+from images.errors import BakeError, BakeSpecError
 from images.spec import BakeNames, BakeResult, BakeSpec
 from infra.cluster import ClusterInfo
 
@@ -74,7 +75,7 @@ def client_error_text(exc: Exception) -> str:
     return f"{error.get('Code', type(exc).__name__)}: {error.get('Message', exc)}"
 
 
-class AwsBake:
+class AwsBake(BakeRun):
     """One bake run's state: clients, names, what has been created (in `cleanup`)."""
 
     def __init__(self, spec: BakeSpec, home: Path, session: Any, on_event: Event):
@@ -89,6 +90,7 @@ class AwsBake:
         self.cleanup = Cleanup(on_event)
         self.temp_tags = {CLUSTER_TAG: self.names.builder, BUILDER_TAG: self.names.builder}
         self.builder_id = ""
+        self.fingerprint = ""
 
     def call(self, what: str, fn: Callable[..., Any], **params: Any) -> Any:
         """One EC2/SSM call; an SDK error becomes a BakeError saying what was being done."""
@@ -114,24 +116,15 @@ class AwsBake:
     # -- the flow ----------------------------------------------------------------------------------
     def run(self, provision: Callable[..., Any] | None, connect_target: Callable[[BuilderInstance], ClusterInfo]) -> BakeResult:
         started = time.monotonic()
-        meta = image_metadata(self.spec)
-        tags = aws_tags(meta, {"Name": self.names.image})
-        with interrupts_raise():
-            try:
-                image_id = self.build(tags, provision, connect_target)
-            except BaseException as exc:
-                self.on_event(f"bake failed ({type(exc).__name__}: {exc}); removing what it created")
-                try:
-                    self.cleanup.run(failed=True)
-                except CleanupError as cleanup_exc:
-                    exc.add_note(str(cleanup_exc))
-                raise
-            self.cleanup.run(failed=False)
-        deleted, warnings = self.prune(image_id)
-        self.on_event(f"baked {image_id} ({self.names.image}) in {time.monotonic() - started:.0f}s")
+        from provision.wheel import source_fingerprint
+
+        self.fingerprint = source_fingerprint()  # once: the tag and what the builder gets agree
+        tags = aws_tags(image_metadata(self.spec, self.fingerprint), {"Name": self.names.image})
+        image_id, deleted, warnings = execute(self, tags, provision, connect_target)
+        seconds = time.monotonic() - started
+        self.on_event(f"baked {image_id} ({self.names.image}) in {seconds:.0f}s")
         return BakeResult(cloud="aws", image_id=image_id, name=self.names.image, family=self.spec.family, tags=tags,
-                          builder_id=self.builder_id, seconds=time.monotonic() - started,
-                          deleted_images=deleted, warnings=warnings)
+                          builder_id=self.builder_id, seconds=seconds, deleted_images=deleted, warnings=warnings)
 
     def build(self, tags: dict[str, str], provision: Callable[..., Any] | None,
               connect_target: Callable[[BuilderInstance], ClusterInfo]) -> str:
@@ -140,7 +133,8 @@ class AwsBake:
         subnet_id, group_id = self.prepare_network()
         builder = self.launch_builder(ami, root_device, key_name, key_path, subnet_id, group_id)
         self.on_event(f"provisioning {builder.id} at {builder.public_address}")
-        run_provisioning(connect_target(builder), self.home, provision, self.names.builder, self.on_event)
+        run_provisioning(connect_target(builder), self.home, provision, self.names.builder, self.on_event,
+                         self.fingerprint)
         self.on_event(f"stopping {builder.id}")
         self.call("stop_instances", self.ec2.stop_instances, InstanceIds=[builder.id])
         self.wait("instance_stopped", STOPPED_ATTEMPTS, InstanceIds=[builder.id])

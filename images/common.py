@@ -65,17 +65,20 @@ def builder_cluster(builder: BuilderInstance) -> ClusterInfo:
     )
 
 
-def provision_builder(cluster: ClusterInfo, home: Path, on_event: Event = print) -> None:
-    """The default provision: every setup step on the builder over SSH, failing on any node error."""
+def provision_builder(cluster: ClusterInfo, home: Path, on_event: Event = print, fingerprint: str = "") -> None:
+    """The default provision: every setup step on the builder over SSH, failing on any node error.
+    `fingerprint` pins the source fingerprint the workload step records (the one the image is tagged with)."""
     from provision.errors import ProvisionError
     from provision.runner import CHANGED, FAILED
     from provision.setup import raise_for_failures, setup_cluster
+    from provision.wheel import wheel_filename
 
     def progress(node: str, step: str, status: str) -> None:
         if status in (CHANGED, FAILED) and step:
             on_event(f"  {node}: {step} {status}")
 
-    reports = setup_cluster(cluster, home, on_event=progress)
+    extra = {"source_fingerprint": fingerprint, "wheel_name": f"{fingerprint}/{wheel_filename()}"} if fingerprint else None
+    reports = setup_cluster(cluster, home, on_event=progress, extra_options=extra)
     try:
         raise_for_failures(reports)
     except ProvisionError as exc:
@@ -128,10 +131,10 @@ def remove_state(state_dir: Path) -> None:
 
 # -- image metadata -----------------------------------------------------------------------------
 
-def image_metadata(spec: BakeSpec) -> dict[str, str]:
+def image_metadata(spec: BakeSpec, fingerprint: str) -> dict[str, str]:
     """What a baked image says about itself (before the cloud's key/value rules are applied)."""
     from provision.versions import open_kernel_modules, version_set
-    from provision.wheel import project_root, source_fingerprint
+    from provision.wheel import project_root
 
     import tomllib
 
@@ -146,7 +149,7 @@ def image_metadata(spec: BakeSpec) -> dict[str, str]:
         "cuda": vs.cuda,
         "torch": vs.torch,
         "version": project["version"],
-        "source": source_fingerprint(),
+        "source": fingerprint,
         "gpu": gpu_model,
         "driver-modules": "open" if open_kernel_modules(gpu_model) else "proprietary",
     }
@@ -256,11 +259,49 @@ def deferred_interrupts(on_event: Event) -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {signal.Signals(received[0]).name} during cleanup")
 
 
+class BakeRun:
+    """What the cloud modules implement; `execute` drives it."""
+
+    names: Any
+    cleanup: Cleanup
+    on_event: Event
+    builder_id: str
+
+    def build(self, labels: dict[str, str], provision: Callable[..., Any] | None,
+              connect_target: Callable[[BuilderInstance], ClusterInfo]) -> str:
+        raise NotImplementedError
+
+    def prune(self, image_id: str) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+
+def execute(bake: BakeRun, labels: dict[str, str], provision: Callable[..., Any] | None,
+            connect_target: Callable[[BuilderInstance], ClusterInfo]) -> tuple[str, list[str], list[str]]:
+    """Build the image with cleanup that always runs (also on Ctrl-C and SIGTERM), then prune.
+    Returns (image id, deleted images, warnings). On failure the original error is raised, with what
+    cleanup could not remove attached as a note."""
+    with interrupts_raise():
+        try:
+            image_id = bake.build(labels, provision, connect_target)
+        except BaseException as exc:
+            bake.on_event(f"bake failed ({type(exc).__name__}: {exc}); removing what it created")
+            try:
+                bake.cleanup.run(failed=True)
+            except CleanupError as cleanup_exc:
+                exc.add_note(str(cleanup_exc))
+            raise
+        bake.cleanup.run(failed=False)
+    deleted, warnings = bake.prune(image_id)
+    for warning in warnings:
+        bake.on_event(f"warning: {warning}")
+    return image_id, deleted, warnings
+
+
 def run_provisioning(target: ClusterInfo, home: Path, provision: Callable[..., Any] | None, key_comment: str,
-                     on_event: Event) -> None:
+                     on_event: Event, fingerprint: str = "") -> None:
     """Provision the target (default: setup_cluster over SSH), then seal it."""
     if provision is None:
-        provision_builder(target, home, on_event)
+        provision_builder(target, home, on_event, fingerprint)
     else:
         provision(target, home)
     seal_target(target, key_comment)

@@ -16,6 +16,13 @@ Operations are DONE at once. With `pending_polls=N` they report RUNNING for N po
 their effect (create, delete) lands only when they finish, as on the real API; a caller that
 does not wait sees the old state. Deleting a disk that an instance uses, or a network that a
 firewall, subnetwork or instance uses, fails with 400 resourceInUseByAnotherResource.
+
+For image baking: an instance's boot disk can come from `initializeParams.sourceImage` (an image
+or `.../images/family/F`, in any project; 404 when there is none); creating an image from a disk
+that a RUNNING instance uses fails with 400 resourceInUseByAnotherResource unless `forceCreate`
+is set, as on the real API. `fail_next("image", "insert", "message", leave=True)` makes the next
+such operation end with that error (and, with `leave`, leaves the resource behind with status
+FAILED, like a half-made image).
 """
 
 from __future__ import annotations
@@ -109,6 +116,8 @@ class FakeCompute:
         self._epoch = datetime.now(timezone.utc)
         self._commits: dict[str, Callable[[], None]] = {}
         self._pending: dict[str, int] = {}
+        self._errors: dict[str, dict] = {}
+        self.faults: dict[tuple[str, str], tuple[str, bool]] = {}
         self._httpd: ThreadingHTTPServer | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -191,6 +200,11 @@ class FakeCompute:
             return [(scope, r) for (p, scope), rs in self.store[collection].items()
                     if p == (project or self.project) for r in rs.values()]
 
+    def fail_next(self, kind: str, verb: str, message: str, leave: bool = False) -> None:
+        """The next `verb` operation on a `kind` (singular: "image", "instance") ends with `message` as
+        its error; with `leave` its resource is still created, with status FAILED."""
+        self.faults[(kind, verb)] = (message, leave)
+
     # -- routing ----------------------------------------------------------------------------
     def dispatch(self, method: str, path: str, body: dict) -> tuple[int, dict]:
         url = urlparse(path)
@@ -224,7 +238,7 @@ class FakeCompute:
         if not rest and method == "GET":
             return self._list(collection, project, scope, query)
         if not rest and method == "POST":
-            return self._insert(collection, project, scope, body)
+            return self._insert(collection, project, scope, body, query)
         resource = self._find(collection, project, scope, rest[0])
         if len(rest) == 1 and method == "GET":
             return resource
@@ -272,7 +286,9 @@ class FakeCompute:
                "id": f"projects/{project}/aggregated/{collection}"}
         return {**out, "nextPageToken": token} if token else out
 
-    def _insert(self, collection: str, project: str, scope: str, body: dict) -> dict:
+    def _insert(self, collection: str, project: str, scope: str, body: dict, query: dict | None = None) -> dict:
+        if collection == "images" and body.get("sourceDisk") and (query or {}).get("forceCreate") != "true":
+            self._check_disk_not_running(project, body["sourceDisk"])
         if not body.get("name"):
             raise ApiError(400, "required", "Required field 'resource.name' not specified")
         if body["name"] in self.store[collection].get((project, scope), {}):
@@ -297,6 +313,25 @@ class FakeCompute:
         else:
             raise ApiError(400, "badRequest", f"Unsupported action {collection}.{verb}")
         return self._operate(project, scope, verb, resource, commit)
+
+    def _check_disk_not_running(self, project: str, source_disk: str) -> None:
+        """The real API refuses to image a disk that a running instance uses (unless forceCreate)."""
+        parts = self._ref(project, source_disk, "disks").split("/")
+        disk = self._find("disks", parts[-5], "/".join(parts[-4:-2]), parts[-1])
+        for user in disk.get("users", []):
+            instance = self.store["instances"].get((parts[-5], "/".join(parts[-4:-2])), {}).get(last(user))
+            if instance and instance.get("status") == "RUNNING":
+                raise ApiError(400, "resourceInUseByAnotherResource",
+                               f"The disk resource '{disk['selfLink']}' is already being used by '{user}'")
+
+    def _resolve_image(self, project: str, ref: str) -> dict:
+        """An image by URL/path, or the newest active one of `.../images/family/F`, in any project."""
+        url = self._ref(project, ref, "images")
+        parts = url.split("/")
+        image_project = parts[parts.index("projects") + 1]
+        if parts[-2] == "family":
+            return self._from_family(image_project, parts[-1])
+        return self._find("images", image_project, "global", parts[-1])
 
     def _from_family(self, project: str, family: str) -> dict:
         live = [r for _, r in self.items("images", project) if r.get("family") == family
@@ -353,6 +388,12 @@ class FakeCompute:
                 name = params.get("diskName") or (inst["name"] if i == 0 else f"{inst['name']}-{i}")
                 body = {"name": name, "labels": params.get("labels", {})}
                 body.update({k: params[k] for k in ("sizeGb", "sourceImage", "diskType") if k in params})
+                if "diskSizeGb" in params:  # the API's name for it in initializeParams
+                    body["sizeGb"] = params["diskSizeGb"]
+                if params.get("sourceImage"):
+                    image = self._resolve_image(project, params["sourceImage"])
+                    body.update(sourceImage=image["selfLink"], sourceImageId=image["id"])
+                    body.setdefault("sizeGb", image["diskSizeGb"])
                 self._put("disks", project, scope, self._build("disks", project, scope, body))
                 disk["source"] = self._url(project, scope, "disks", name)
             source = self._find("disks", project, scope, last(disk.get("source", "")))
@@ -364,6 +405,11 @@ class FakeCompute:
         if disk.get("sourceImage") and "sizeGb" not in disk:
             image = self.store["images"].get((project, "global"), {}).get(last(disk["sourceImage"]))
             disk["sizeGb"] = image["diskSizeGb"] if image else "10"
+        if disk.get("sourceImage"):
+            image = self._resolve_image(project, disk["sourceImage"]) if "/" in disk["sourceImage"] else None
+            if image and int(disk["sizeGb"]) < int(image["diskSizeGb"]):
+                raise ApiError(400, "invalid", f"Requested disk size cannot be smaller than the image size "
+                                               f"({image['diskSizeGb']} GB)")
         disk["sizeGb"] = str(disk.get("sizeGb", "10"))
 
     def _build_images(self, project: str, scope: str, image: dict) -> None:
@@ -431,6 +477,11 @@ class FakeCompute:
               "selfLink": f"{API_ROOT}projects/{project}/{scope}/operations/{name}"}
         if scope != "global":
             op[scope.split("/")[0][:-1]] = f"{API_ROOT}projects/{project}/{scope}"
+        fault = self.faults.pop((resource["kind"].split("#")[-1], verb), None)
+        if fault is not None:
+            message, leave = fault
+            self._errors[name] = {"errors": [{"code": "FAKE_FAILURE", "message": message}]}
+            commit = (lambda done=commit: (done(), resource.update(status="FAILED"))) if leave else (lambda: None)
         self.operations[name] = op
         self._commits[name] = commit
         self._pending[name] = self.pending_polls
@@ -443,6 +494,8 @@ class FakeCompute:
         if op["status"] != "DONE":
             self._commits.pop(name)()
             op.update(status="DONE", progress=100, endTime=datetime.now(timezone.utc).isoformat())
+            if name in self._errors:
+                op.update(error=self._errors.pop(name), httpErrorStatusCode=400, httpErrorMessage="BAD REQUEST")
 
     def _operation(self, project: str, scope: str, rest: list[str]) -> dict:
         op = self.operations.get(rest[0]) if rest else None
