@@ -56,7 +56,8 @@ IMDS_HOP_LIMIT = 1  # IMDSv2 tokens stay on the instance, as on cluster nodes
 SSH_PORT = 22
 
 
-def bake_aws(spec: BakeSpec, home: Path, session: Any = None, provision: Callable[[ClusterInfo, Path], Any] | None = None,
+def bake_aws(spec: BakeSpec, home: Path, session: Any = None,
+             provision: Callable[[ClusterInfo, Path], Any] | None = None,
              connect_target: Callable[[BuilderInstance], ClusterInfo] | None = None,
              on_event: Event = print) -> BakeResult:
     """Bake an AMI for `spec`; returns what was made. Raises BakeError (the builder is gone by then)."""
@@ -102,7 +103,8 @@ class AwsBake(BakeRun):
             raise BakeError(f"{what} failed: {client_error_text(exc)}") from exc
 
     def tag_spec(self, *kinds: str, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        tags = [{"Key": k, "Value": v} for k, v in {**self.temp_tags, "Name": self.names.builder, **(extra or {})}.items()]
+        values = {**self.temp_tags, "Name": self.names.builder, **(extra or {})}
+        tags = [{"Key": k, "Value": v} for k, v in values.items()]
         return [{"ResourceType": kind, "Tags": tags} for kind in kinds]
 
     def wait(self, waiter: str, attempts: int, **params: Any) -> None:
@@ -114,7 +116,8 @@ class AwsBake(BakeRun):
             raise BakeError(f"waiting for {waiter} ({params}) failed: {exc}") from exc
 
     # -- the flow ----------------------------------------------------------------------------------
-    def run(self, provision: Callable[..., Any] | None, connect_target: Callable[[BuilderInstance], ClusterInfo]) -> BakeResult:
+    def run(self, provision: Callable[..., Any] | None,
+            connect_target: Callable[[BuilderInstance], ClusterInfo]) -> BakeResult:
         started = time.monotonic()
         from provision.wheel import source_fingerprint
 

@@ -77,7 +77,9 @@ def provision_builder(cluster: ClusterInfo, home: Path, on_event: Event = print,
         if status in (CHANGED, FAILED) and step:
             on_event(f"  {node}: {step} {status}")
 
-    extra = {"source_fingerprint": fingerprint, "wheel_name": f"{fingerprint}/{wheel_filename()}"} if fingerprint else None
+    extra = None
+    if fingerprint:
+        extra = {"source_fingerprint": fingerprint, "wheel_name": f"{fingerprint}/{wheel_filename()}"}
     reports = setup_cluster(cluster, home, on_event=progress, extra_options=extra)
     try:
         raise_for_failures(reports)
@@ -99,7 +101,8 @@ def seal_builder(conn: Any, key_comment: str) -> None:
     for command, sudo in seal_commands(key_comment):
         result = (conn.sudo if sudo else conn.run)(command, hide=True, warn=True, in_stream=False)
         if result.exited != 0:
-            raise BakeError(f"sealing the builder failed running {command!r}: {(result.stderr or result.stdout)[-300:]}")
+            output = (result.stderr or result.stdout)[-300:]
+            raise BakeError(f"sealing the builder failed running {command!r}: {output}")
 
 
 def seal_target(cluster: ClusterInfo, key_comment: str) -> None:
@@ -290,7 +293,11 @@ def execute(bake: BakeRun, labels: dict[str, str], provision: Callable[..., Any]
             except CleanupError as cleanup_exc:
                 exc.add_note(str(cleanup_exc))
             raise
-        bake.cleanup.run(failed=False)
+        try:
+            bake.cleanup.run(failed=False)
+        except CleanupError as exc:
+            exc.add_note(f"the image itself was made: {image_id}")
+            raise
     deleted, warnings = bake.prune(image_id)
     for warning in warnings:
         bake.on_event(f"warning: {warning}")

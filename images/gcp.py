@@ -109,7 +109,8 @@ class GcpBake(BakeRun):
             raise BakeError(f"{what} failed: {exc}") from exc
 
     # -- the flow ----------------------------------------------------------------------------------
-    def run(self, provision: Callable[..., Any] | None, connect_target: Callable[[BuilderInstance], ClusterInfo]) -> BakeResult:
+    def run(self, provision: Callable[..., Any] | None,
+            connect_target: Callable[[BuilderInstance], ClusterInfo]) -> BakeResult:
         from provision.wheel import source_fingerprint
 
         started = time.monotonic()
@@ -144,7 +145,8 @@ class GcpBake(BakeRun):
         rule = c.Firewall(
             name=name, network=self.network_path(), direction="INGRESS",
             allowed=[c.Allowed(I_p_protocol="tcp", ports=[SSH_PORT])], source_ranges=list(self.spec.ssh_cidrs),
-            target_tags=[self.names.builder], description=f"gpuforge image bake {self.names.builder}: SSH from ssh_cidrs",
+            target_tags=[self.names.builder],
+            description=f"gpuforge image bake {self.names.builder}: SSH from ssh_cidrs",
         )
         self.cleanup.add(f"firewall rule {name}", lambda: self.delete_firewall(name))
         op = self.call(f"creating firewall rule {name}", self.firewalls.insert, project=self.project,

@@ -114,7 +114,8 @@ class BakeSpec:
         if self.cloud == "gcp" and not self.project:
             raise BakeSpecError("project is empty: a GCP bake needs the project the image goes to")
         if not isinstance(self.keep, int) or self.keep < 1:
-            raise BakeSpecError(f"keep must be an integer >= 1 (the image just baked is always kept), got {self.keep!r}")
+            raise BakeSpecError(
+                f"keep must be an integer >= 1 (the image just baked is always kept), got {self.keep!r}")
         if not isinstance(self.disk_gb, int) or not MIN_BAKE_DISK_GB <= self.disk_gb <= MIN_DISK_GB:
             raise BakeSpecError(
                 f"disk_gb must be between {MIN_BAKE_DISK_GB} and {MIN_DISK_GB}, got {self.disk_gb!r}: the image's "
@@ -135,7 +136,8 @@ class BakeSpec:
         try:
             version_set(self.os_name)
         except MatrixError as exc:
-            raise BakeSpecError(f"os_name {self.os_name!r}: {choices_message(str(self.os_name), supported_os())}") from exc
+            choices = choices_message(str(self.os_name), supported_os())
+            raise BakeSpecError(f"os_name {self.os_name!r}: {choices}") from exc
 
     def _check_cloud_only_fields(self) -> None:
         other = GCP_ONLY if self.cloud == "aws" else AWS_ONLY

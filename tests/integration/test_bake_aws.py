@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,7 @@ from images.errors import BakeError
 from images.spec import AWS_BASE_PARAMETERS, BakeSpec
 from infra.cluster import ClusterInfo, NodeInfo
 from infra.local import create_local_cluster, destroy_local_cluster
-from provision.wheel import source_fingerprint
+from provision.wheel import project_root, source_fingerprint
 from tests.fakes.s3 import ACCOUNT_ID, REGION, s3_env, start_moto_server
 
 pytestmark = pytest.mark.integration
@@ -38,6 +39,7 @@ BASE_AMI_RECORD = {"ami_id": BASE_AMI, "state": "available", "public": True, "ow
                    "virtualization_type": "hvm", "hypervisor": "xen", "image_type": "machine"}
 CIDRS = ("203.0.113.4/32",)
 FAMILY = "gpuforge-ubuntu2204-cu130-torch213"
+OTHER_FAMILY = "gpuforge-ubuntu2404-cu130-torch213"
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,7 @@ def test_aws_bake_provisions_the_builder_images_it_for_infra_and_removes_everyth
         session, node, home, monkeypatch):
     ec2 = session.client("ec2")
     old = seed_old_images(ec2, [(f"{FAMILY}-2026010{i}-000000", FAMILY) for i in (1, 2, 3)]
-                          + [("gpuforge-ubuntu2404-cu130-torch213-20260101-000000", "gpuforge-ubuntu2404-cu130-torch213")])
+                          + [(f"{OTHER_FAMILY}-20260101-000000", OTHER_FAMILY)])
     oldest_snapshots = snapshots(ec2, old[f"{FAMILY}-20260101-000000"])
     before = inventory(ec2)
     seen: dict[str, object] = {}
@@ -176,13 +178,15 @@ def test_aws_bake_provisions_the_builder_images_it_for_infra_and_removes_everyth
     # the node was really provisioned over SSH: venv, our code at this source tree, step markers
     workdir = Path(node.head.workdir)
     stamp = (workdir / "venv" / "gpuforge-source.txt").read_text().strip()
-    assert {"base", "python_env", "workload", "verify"} <= {p.stem for p in (workdir / ".gpuforge/markers").glob("*.json")}
+    markers = {p.stem for p in (workdir / ".gpuforge" / "markers").glob("*.json")}
+    assert {"base", "python_env", "workload", "verify"} <= markers
     # the builder was launched as promised: base AMI from the SSM parameter, IMDSv2, encrypted root, SSH only from CIDRS
     instance = seen["instance"]
     assert instance["ImageId"] == BASE_AMI and instance["InstanceType"] == "g5.xlarge"
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
     assert seen["volume"]["Encrypted"] and seen["volume"]["Size"] == 100
-    ssh_rules = [(p["FromPort"], [r["CidrIp"] for r in p["IpRanges"]]) for g in seen["groups"] for p in g["IpPermissions"]]
+    rules = [p for g in seen["groups"] for p in g["IpPermissions"]]
+    ssh_rules = [(p["FromPort"], [r["CidrIp"] for r in p["IpRanges"]]) for p in rules]
     assert ssh_rules == [(22, list(CIDRS))]
     assert seen["key_mode"] == 0o600
     assert {t["Key"]: t["Value"] for t in instance["Tags"]}["gpuforge:builder"] == seen["builder"].name
@@ -194,7 +198,8 @@ def test_aws_bake_provisions_the_builder_images_it_for_infra_and_removes_everyth
     assert (tags["gpuforge:family"], tags["gpuforge:driver"], tags["gpuforge:cuda"], tags["gpuforge:torch"]) == (
         FAMILY, "580.167.08", "13.0", "2.13.0")
     assert tags["gpuforge:source"] == stamp and len(stamp) == len(source_fingerprint())
-    assert tags["gpuforge:version"] == "0.1.0"
+    version = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]["version"]
+    assert tags["gpuforge:version"] == version
     assert tags["gpuforge:gpu"] == "A10G" and tags["gpuforge:driver-modules"] == "open"
     snapshot_tags = ec2.describe_snapshots(SnapshotIds=snapshots(ec2, result.image_id))["Snapshots"][0]["Tags"]
     assert {"Key": "gpuforge:family", "Value": FAMILY} in snapshot_tags
@@ -207,8 +212,8 @@ def test_aws_bake_provisions_the_builder_images_it_for_infra_and_removes_everyth
     assert after["images"] == (before["images"] | {result.image_id}) - set(result.deleted_images)
     assert not any(snapshot_exists(ec2, s) for s in oldest_snapshots)
     assert after["snapshots"] == (before["snapshots"] | set(snapshots(ec2, result.image_id))) - set(oldest_snapshots)
-    unchanged = ("images", "snapshots")
-    assert {k: v for k, v in after.items() if k not in unchanged} == {k: v for k, v in before.items() if k not in unchanged}
+    for kind in set(after) - {"images", "snapshots"}:
+        assert after[kind] == before[kind], kind
     assert not (home / "bakes" / seen["builder"].name).exists()  # the local private key is gone too
 
 

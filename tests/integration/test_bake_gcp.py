@@ -124,7 +124,8 @@ def test_gcp_bake_provisions_the_builder_images_it_into_the_family_and_removes_e
     # the node was really provisioned over SSH
     workdir = Path(node.head.workdir)
     stamp = (workdir / "venv" / "gpuforge-source.txt").read_text().strip()
-    assert {"base", "python_env", "workload", "verify"} <= {p.stem for p in (workdir / ".gpuforge/markers").glob("*.json")}
+    markers = {p.stem for p in (workdir / ".gpuforge" / "markers").glob("*.json")}
+    assert {"base", "python_env", "workload", "verify"} <= markers
     # the builder: Canonical's family, the bake's key only, SSH from CIDRS only, no service account
     builder, instance, disk = seen["builder"], seen["instance"], seen["disk"]
     assert instance["machineType"].endswith("machineTypes/g2-standard-8")
