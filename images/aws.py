@@ -131,6 +131,7 @@ class AwsBake(BakeRun):
 
     def build(self, tags: dict[str, str], provision: Callable[..., Any] | None,
               connect_target: Callable[[BuilderInstance], ClusterInfo]) -> str:
+        self.check_name_free()
         ami, root_device = self.resolve_base_image()
         key_name, key_path = self.create_key_pair()
         subnet_id, group_id = self.prepare_network()
@@ -142,6 +143,15 @@ class AwsBake(BakeRun):
         self.call("stop_instances", self.ec2.stop_instances, InstanceIds=[builder.id])
         self.wait("instance_stopped", STOPPED_ATTEMPTS, InstanceIds=[builder.id])
         return self.create_image(builder.id, tags)
+
+    def check_name_free(self) -> None:
+        """Refuse an AMI name in use before launching anything (and so never deregister someone's image
+        when cleaning up a half-made one of that name)."""
+        taken = self.call("describe_images", self.ec2.describe_images, Owners=["self"],
+                          Filters=[{"Name": "name", "Values": [self.names.image]}])["Images"]
+        if taken:
+            raise BakeError(f"an image named {self.names.image} already exists ({taken[0]['ImageId']}); "
+                            "choose another name")
 
     def resolve_base_image(self) -> tuple[str, str]:
         """(AMI id, root device name) of the base image: an AMI id, or the one an SSM parameter names."""

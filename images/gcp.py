@@ -48,7 +48,10 @@ logger = logging.getLogger(__name__)
 CLUSTER_LABEL = "gpuforge-cluster"  # what infra/sweep.py finds leftovers by (firewalls: by the name prefix)
 BUILDER_LABEL = "gpuforge-builder"
 BOOT_DISK_TYPE = "pd-balanced"  # as infra/gcp.py: supported by N1, G2, A2 and A3
-IMAGE_READY_TIMEOUT_S = 2400.0  # 40 min: imaging a 100 GB disk with CUDA and torch takes 5-20 min
+# How long each kind of operation may take (operations.wait itself returns within 2 min, so we loop).
+INSTANCE_OP_TIMEOUT_S = 900.0  # 15 min: creating, stopping or deleting a GPU VM usually takes 1-3 min
+IMAGE_OP_TIMEOUT_S = 2400.0  # 40 min: imaging a 100 GB disk with CUDA and torch takes 5-20 min
+FIREWALL_OP_TIMEOUT_S = 300.0
 IMAGE_POLL_S = 10.0
 SSH_PORT = "22"
 
@@ -98,15 +101,19 @@ class GcpBake(BakeRun):
         except GoogleAPICallError as exc:
             raise BakeError(f"{what} failed: {exc}") from exc
 
-    def wait(self, what: str, op: Any, zonal: bool = True) -> None:
-        """Wait for an operation through our own operations client; its error becomes a BakeError."""
-        from infra.errors import SweepError
-        from infra.sweep import wait_gcp_operation
-
-        try:
-            wait_gcp_operation(self.compute, self.kw, self.project, "zone" if zonal else "", self.zone, op)
-        except SweepError as exc:
-            raise BakeError(f"{what} failed: {exc}") from exc
+    def wait(self, what: str, op: Any, zonal: bool = True, timeout: float = INSTANCE_OP_TIMEOUT_S) -> None:
+        """Wait for an operation through an operations client on the caller's endpoint (the one the library
+        builds for ExtendedOperation.result() ignores client_options); its error becomes a BakeError."""
+        c = self.compute
+        client = c.ZoneOperationsClient(**self.kw) if zonal else c.GlobalOperationsClient(**self.kw)
+        where = {"zone": self.zone} if zonal else {}
+        deadline = time.monotonic() + timeout
+        while op.status != c.Operation.Status.DONE:
+            if time.monotonic() > deadline:
+                raise BakeError(f"{what}: operation {op.name} not done after {timeout:.0f}s")
+            op = self.call(what, client.wait, project=self.project, operation=op.name, **where)
+        if op.error.errors:
+            raise BakeError(f"{what} failed: " + "; ".join(e.message for e in op.error.errors))
 
     # -- the flow ----------------------------------------------------------------------------------
     def run(self, provision: Callable[..., Any] | None,
@@ -124,6 +131,7 @@ class GcpBake(BakeRun):
 
     def build(self, labels: dict[str, str], provision: Callable[..., Any] | None,
               connect_target: Callable[[BuilderInstance], ClusterInfo]) -> str:
+        self.check_name_free()
         self.cleanup.add(f"local key {self.state_dir}", lambda: remove_state(self.state_dir))
         key_path, public = make_builder_key(self.state_dir, self.names.builder)
         self.create_firewall()
@@ -136,6 +144,17 @@ class GcpBake(BakeRun):
                        instance=builder.name)
         self.wait("stopping the builder", op)
         return self.create_image(builder.name, labels)
+
+    def check_name_free(self) -> None:
+        """Refuse an image name in use before launching anything (and so never delete someone's image
+        when cleaning up a half-made one of that name)."""
+        try:
+            self.images.get(project=self.project, image=self.names.image)
+        except Exception as exc:
+            if is_not_found(exc):
+                return
+            raise BakeError(f"checking whether image {self.names.image} exists failed: {exc}") from exc
+        raise BakeError(f"image {self.names.image} already exists in {self.project}; choose another name")
 
     def network_path(self) -> str:
         return f"global/networks/{self.spec.network or GCP_DEFAULT_NETWORK}"
@@ -151,7 +170,7 @@ class GcpBake(BakeRun):
         self.cleanup.add(f"firewall rule {name}", lambda: self.delete_firewall(name))
         op = self.call(f"creating firewall rule {name}", self.firewalls.insert, project=self.project,
                        firewall_resource=rule)
-        self.wait(f"creating firewall rule {name}", op, zonal=False)
+        self.wait(f"creating firewall rule {name}", op, zonal=False, timeout=FIREWALL_OP_TIMEOUT_S)
 
     def delete_firewall(self, name: str) -> None:
         try:
@@ -160,7 +179,7 @@ class GcpBake(BakeRun):
             if is_not_found(exc):
                 return
             raise
-        self.wait(f"deleting firewall rule {name}", op, zonal=False)
+        self.wait(f"deleting firewall rule {name}", op, zonal=False, timeout=FIREWALL_OP_TIMEOUT_S)
 
     def builder_resource(self, public_key: str) -> Any:
         c, spec, zone, name = self.compute, self.spec, self.zone, self.names.builder
@@ -235,11 +254,11 @@ class GcpBake(BakeRun):
         image = c.Image(name=name, source_disk=boot.source, family=self.spec.family, labels=labels,
                         description=f"gpuforge {self.spec.family} baked on {self.spec.instance_type}")
         op = self.call(f"creating image {name}", self.images.insert, project=self.project, image_resource=image)
-        self.wait(f"creating image {name}", op, zonal=False)
+        self.wait(f"creating image {name}", op, zonal=False, timeout=IMAGE_OP_TIMEOUT_S)
         return self.wait_image_ready(name)
 
     def wait_image_ready(self, name: str) -> str:
-        deadline = time.monotonic() + IMAGE_READY_TIMEOUT_S
+        deadline = time.monotonic() + IMAGE_OP_TIMEOUT_S
         while True:
             image = self.call(f"reading image {name}", self.images.get, project=self.project, image=name)
             if image.status == "READY":

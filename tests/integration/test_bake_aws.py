@@ -259,6 +259,18 @@ def test_aws_bake_failing_during_provisioning_terminates_the_builder_and_leaves_
     assert inventory(ec2) == before
 
 
+def test_aws_bake_refuses_an_image_name_in_use_before_launching_anything(session, home):
+    ec2 = session.client("ec2")
+    taken = seed_old_images(ec2, [("golden-1", FAMILY)])["golden-1"]
+    before = inventory(ec2)
+
+    with pytest.raises(BakeError, match=f"an image named golden-1 already exists \\({taken}\\)"):
+        bake_aws(BakeSpec(cloud="aws", ssh_cidrs=CIDRS, name="golden-1"), home, session=session,
+                 provision=lambda c, h: None, connect_target=stand_in, on_event=lambda _: None)
+
+    assert inventory(ec2) == before
+
+
 def test_aws_bake_whose_create_image_fails_after_aws_made_it_leaves_no_image(session, home):
     """A lost CreateImage response: AWS made the image but the bake never saw its id."""
     ec2 = session.client("ec2")

@@ -185,6 +185,17 @@ def test_gcp_bake_failing_during_provisioning_deletes_the_builder_and_leaves_not
     assert ("DELETE", f"/compute/v1/projects/{PROJECT}/{ZONE}/instances/{seen[0].name}") in gce.requests
 
 
+def test_gcp_bake_refuses_an_image_name_in_use_before_launching_anything(gce, home):
+    seed_image(gce, "golden-1", FAMILY)
+    before = inventory(gce)
+
+    with pytest.raises(BakeError, match="image golden-1 already exists in bake-project"):
+        bake_gcp(spec(name="golden-1"), home, **client_kwargs(gce), provision=lambda c, h: None,
+                 connect_target=stand_in, on_event=lambda _: None)
+
+    assert inventory(gce) == before and not any(m == "POST" for m, _ in gce.requests)
+
+
 def test_gcp_bake_whose_image_operation_fails_deletes_the_half_made_image_and_the_builder(gce, home):
     before = inventory(gce)
     gce.fail_next("image", "insert", "Quota 'IMAGES' exceeded", leave=True)
