@@ -9,6 +9,7 @@ import logging
 import shutil
 import signal
 import threading
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -138,8 +139,6 @@ def image_metadata(spec: BakeSpec, fingerprint: str) -> dict[str, str]:
     """What a baked image says about itself (before the cloud's key/value rules are applied)."""
     from provision.versions import open_kernel_modules, version_set
     from provision.wheel import project_root
-
-    import tomllib
 
     vs = version_set(spec.os_name)
     gpu_model, _ = spec.gpus
