@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import paramiko
-from fabric import Connection
+from fabric import Config, Connection
 
 from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import HostKeyError, NodeUnreachableError
@@ -55,6 +55,7 @@ def connect(cluster: ClusterInfo, node: NodeInfo, timeout: float = CONNECT_TIMEO
     conn = Connection(
         host=node.public_address, port=node.ssh_port, user=node.user,
         connect_timeout=timeout,
+        config=Config(overrides={"run": {"in_stream": False}}),  # never forward our stdin to nodes
         connect_kwargs={"key_filename": [str(Path(node.key_path).expanduser())] if node.key_path else None,
                         "allow_agent": not node.key_path, "look_for_keys": not node.key_path,
                         "banner_timeout": timeout, "auth_timeout": timeout},

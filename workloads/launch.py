@@ -82,6 +82,8 @@ class NodeStatus:
     loss: float | None = None
     tail: str = ""
     ended: float | None = None
+    secondary: bool = False
+    """Failed only because a peer went away (gloo/NCCL lost the connection)."""
 
 
 @dataclass
@@ -103,8 +105,12 @@ class RunStatus:
     @property
     def culprit(self) -> NodeStatus | None:
         """The node that failed first (a 'stopped' node was stopped because of another)."""
-        failed = [n for n in self.nodes if n.state == "failed"] or [n for n in self.nodes if n.state == "stopped"]
-        return min(failed, key=lambda n: n.ended or float("inf")) if failed else None
+        for group in ([n for n in self.nodes if n.state == "failed" and not n.secondary],
+                      [n for n in self.nodes if n.state == "failed"],
+                      [n for n in self.nodes if n.state == "stopped"]):
+            if group:
+                return min(group, key=lambda n: n.ended or float("inf"))
+        return None
 
 
 # -- validation and planning (no side effects) ----------------------------------------------------
@@ -290,7 +296,8 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path) -> list[NodeInfo]
         conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
         python = shlex.quote(f"{node.workdir}/venv/bin/python")
         d = shlex.quote(directory)
-        conn.run(f"cd {d} && setsid nohup {python} -m workloads.supervise --run-dir {d} "
+        # The redirections apply to the whole background group, so nothing holds the SSH channel open.
+        conn.run(f"(cd {d} && exec setsid nohup {python} -m workloads.supervise --run-dir {d}) "
                  f"> {d}/supervisor.out 2>&1 < /dev/null &", hide=True, pty=False)
 
     results = on_nodes(cluster, nodes, start)
@@ -312,7 +319,7 @@ def node_status(conn: Any, node: NodeInfo, run_id: str) -> NodeStatus:
     return NodeStatus(node=node.name, rank=node.rank, state=status.get("state", "not started"),
                       reason=status.get("reason", ""), exit_code=status.get("exit_code"), step=progress.get("step"),
                       total_steps=progress.get("total_steps"), loss=progress.get("loss"), tail=status.get("tail", ""),
-                      ended=status.get("ended"))
+                      ended=status.get("ended"), secondary=bool(status.get("secondary")))
 
 
 def run_status(cluster: ClusterInfo, home: Path, run_id: str | None = None, enforce: bool = True) -> RunStatus:

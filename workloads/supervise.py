@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,10 @@ PEER_SILENCE_S = 120.0  # a running peer silent this long is presumed dead (mach
 KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL for the run's process group
 TAIL_LINES = 20
 TERMINAL = ("succeeded", "failed", "cancelled", "stopped")
+# A rank that failed because a peer vanished says so in its error (gloo, NCCL); such a node is not the culprit.
+PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "ncclRemoteError",
+             "NCCL communicator was aborted", "Socket Timeout", "Broken pipe")
+WORKER_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -43,6 +48,23 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
             return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def classify_failure(code: int, log_tail: str) -> tuple[str, bool]:
+    """A reason a user can act on, and whether the node only failed because a peer went away.
+
+    torchrun reports the worker's own exit code in its "Root Cause" block; our trainer prints
+    one `error: ...` line; gloo and NCCL name a lost connection."""
+    reason = f"exit code {code}" + (f" (signal {-code})" if code < 0 else "")
+    worker = WORKER_EXIT.findall(log_tail)
+    if worker and int(worker[-1]) < 0:
+        sig = -int(worker[-1])
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return f"a rank was killed by signal {sig} ({name})", False
+    errors = [line for line in log_tail.splitlines() if line.startswith("error: ")]
+    if errors:
+        reason += f": {errors[-1].removeprefix('error: ')[:300]}"
+    return reason, any(marker in log_tail for marker in PEER_LOSS)
 
 
 def load_env_file(path: str) -> dict[str, str]:
@@ -166,7 +188,9 @@ class Supervisor:
                 if code == 0:
                     self.finish("succeeded", "exit code 0", 0)
                     return 0
-                self.finish("failed", f"exit code {code}" + (f" (signal {-code})" if code < 0 else ""), code)
+                reason, secondary = classify_failure(code, tail(self.dir / "output.log", 200))
+                self.status["secondary"] = secondary
+                self.finish("failed", reason, code)
                 return 1
             if start_timeout and not (self.dir / "progress.json").exists() and time.time() - self.status["started"] > start_timeout:
                 self.finish("failed", f"no training step within {start_timeout:.0f} s (rendezvous hung? a peer missing?)", None)
