@@ -119,7 +119,11 @@ def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: s
     if cloud not in CLOUDS:
         raise CatalogError(f"--cloud must be one of {', '.join(CLOUDS)}; got {cloud!r}")
     find_instance(cloud, instance_type)
+    from provision.inventory import home_dir
+    from provision.setup import step_options
+
     ctx = plan_context(cloud, instance_type, os_name, accelerator or None)
+    ctx.options = {**step_options(ctx.cluster, home_dir()), **ctx.options}
     print(render_plan(all_steps(), ctx))
 
 
@@ -178,3 +182,24 @@ def print_exec(results: list[tuple[Any, Any]]) -> bool:
             print(f"[{node.name}] exit {result.exited}")
             failed = True
     return failed
+
+
+def print_bake(result: Any) -> None:
+    out = console()
+    out.print(f"baked [bold]{result.image_id}[/] ({result.name}) in family {result.family} in {result.seconds:.0f} s")
+    for key, value in sorted(result.tags.items()):
+        out.print(f"  {key} = {value}")
+    if result.deleted_images:
+        out.print(f"deleted older images: {', '.join(result.deleted_images)}")
+    for warning in result.warnings:
+        out.print(f"[yellow]warning:[/] {warning}")
+
+
+def print_checks(checks: list[tuple[str, bool, str]]) -> bool:
+    table = Table(title="gpuforge doctor")
+    for col in ("check", "ok", "detail"):
+        table.add_column(col)
+    for name, ok, detail in checks:
+        table.add_row(name, "[green]ok[/]" if ok else "[bold red]no[/]", detail)
+    console().print(table)
+    return all(ok for _, ok, _ in checks)

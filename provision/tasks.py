@@ -227,3 +227,36 @@ def exec_(c, cluster=None):
         failed = report.print_exec(exec_on_nodes(chosen, command))
         if failed:
             raise Exit(code=1)
+
+
+@task(help={"cloud": "aws or gcp", "os": "ubuntu-22.04 or ubuntu-24.04", "instance_type": "builder type (a GPU type)",
+            "accelerator": "GCP n1 builders: e.g. nvidia-tesla-t4:1", "region": "region", "zone": "zone",
+            "project": "GCP project", "ssh_cidr": "who may SSH to the builder (repeatable; required)",
+            "keep": "newest images per family to keep", "base_image": "override the plain Ubuntu base image",
+            "subnet_id": "AWS: the subnet to launch in (default: a temporary VPC)",
+            "security_group_id": "AWS: the security group to use (needs --subnet-id)"},
+      iterable=["ssh_cidr"])
+def bake(c, cloud, os="ubuntu-22.04", instance_type="", accelerator="", region="", zone="", project="", ssh_cidr=None,
+         keep=3, base_image="", subnet_id="", security_group_id=""):
+    """Bake a machine image with `fab setup` already done (the builder is always removed)."""
+    from images import BakeSpec
+    from images import bake as bake_image
+
+    home = inventory.home_dir()
+    with cli.user_errors():
+        spec = BakeSpec(cloud=cloud, os_name=os, instance_type=instance_type, accelerator=accelerator, region=region,
+                        zone=zone, project=project, ssh_cidrs=tuple(ssh_cidr or ()), keep=int(keep),
+                        base_image=base_image, subnet_id=subnet_id, security_group_id=security_group_id)
+        result = bake_image(spec, home, on_event=lambda text: cli.console().print(text, markup=False))
+        report.print_bake(result)
+
+
+@task(help={"cluster": CLUSTER_HELP})
+def doctor(c, cluster=None):
+    """Check this machine and the selected cluster: tools, credentials, nodes, their set-up."""
+    from provision.doctor import run_checks
+
+    home = inventory.home_dir()
+    with cli.user_errors():
+        if not report.print_checks(run_checks(home, cluster)):
+            raise Exit(code=1)

@@ -68,17 +68,16 @@ def classify_failure(code: int, log_tail: str) -> tuple[str, bool]:
 
 
 def load_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines (e.g. the NCCL/EFA environment the efa step writes); comments ignored."""
-    env = {}
-    try:
-        for line in Path(path).read_text().splitlines():
-            line = line.strip().removeprefix("export ").strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, _, value = line.partition("=")
-                env[key.strip()] = value.strip().strip('"').strip("'")
-    except OSError:
-        pass
-    return env
+    """The variables a shell env file (the NCCL/EFA environment the efa step writes) sets or changes.
+
+    Sourced by `sh`, so `export X="...${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"` expands as it would in a login."""
+    if not path or not os.path.isfile(path):
+        return {}
+    result = subprocess.run(["sh", "-c", '. "$1" && env -0', "sh", path], capture_output=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot source {path}: {result.stderr.decode(errors='replace').strip()}")
+    env = dict(item.split("=", 1) for item in result.stdout.decode(errors="replace").split("\0") if "=" in item)
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}
 
 
 class Supervisor:
