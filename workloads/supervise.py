@@ -73,11 +73,17 @@ def load_env_file(path: str) -> dict[str, str]:
     Sourced by `sh`, so `export X="...${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"` expands as it would in a login."""
     if not path or not os.path.isfile(path):
         return {}
-    result = subprocess.run(["sh", "-c", '. "$1" && env -0', "sh", path], capture_output=True, timeout=30)
+    script = 'env -0; printf "\\0#gpuforge-sourced\\0"; . "$1" && env -0'
+    result = subprocess.run(["sh", "-c", script, "sh", path], capture_output=True, timeout=30)
     if result.returncode != 0:
         raise RuntimeError(f"cannot source {path}: {result.stderr.decode(errors='replace').strip()}")
-    env = dict(item.split("=", 1) for item in result.stdout.decode(errors="replace").split("\0") if "=" in item)
-    return {k: v for k, v in env.items() if os.environ.get(k) != v}
+    before, _, after = result.stdout.decode(errors="replace").partition("\0#gpuforge-sourced\0")
+
+    def parse(blob: str) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in blob.split("\0") if "=" in item)
+
+    old, new = parse(before), parse(after)  # what the file changed, not what sh adds by itself
+    return {k: v for k, v in new.items() if old.get(k) != v}
 
 
 class Supervisor:
