@@ -1,0 +1,54 @@
+"""Fan-out: `fab setup` on 4 nodes versus 1 node, measured in the same run (fresh clusters).
+
+    .venv/bin/python bench/setup_fanout.py [--rounds 2]
+
+Goal: 4 nodes take <= 1.5x the time of 1 node. The last line is `ratio: X.XX` (4 nodes / 1 node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infra.local import create_local_cluster, destroy_local_cluster  # noqa: E402
+from provision.setup import setup_cluster  # noqa: E402
+from provision.wheel import build_wheel  # noqa: E402
+
+
+def first_setup(nodes: int, home: Path, name: str) -> float:
+    cluster = create_local_cluster(name, nodes, home)
+    try:
+        started = time.perf_counter()
+        reports = setup_cluster(cluster, home)
+        elapsed = time.perf_counter() - started
+        if not all(r.ok for r in reports):
+            raise SystemExit(f"setup failed: {[r.error for r in reports if not r.ok]}")
+        return elapsed
+    finally:
+        destroy_local_cluster(Path(cluster.state_dir))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gpuforge-bench-") as tmp:
+        home = Path(tmp)
+        build_wheel(home)  # both sides ship the same cached wheel: the comparison is about the nodes
+        one, four = [], []
+        for i in range(args.rounds):
+            one.append(first_setup(1, home, f"one{i}"))
+            four.append(first_setup(4, home, f"four{i}"))
+    a, b = statistics.median(one), statistics.median(four)
+    print(f"first setup, {args.rounds} rounds (medians): 1 node {a:.2f} s, 4 nodes {b:.2f} s (goal: ratio <= 1.5)")
+    print(f"ratio: {b / a:.2f}")
+
+
+if __name__ == "__main__":
+    main()
