@@ -36,8 +36,9 @@ ROOT_DEVICE = "/dev/sda1"  # root device name of Ubuntu-based AMIs (Canonical, D
 # Deep Learning Base OSS Nvidia Driver GPU AMI, newest release, via SSM public parameters
 # (docs.aws.amazon.com/dlami/latest/devguide/find-dlami-id.html).
 DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-{os}/latest/ami-id"
-BAKED_TAG = "gpuforge:baked"  # images/aws.py tags the AMIs it bakes with these two tags
+BAKED_TAG = "gpuforge:baked"  # images/aws.py tags the AMIs it bakes with these three tags
 OS_TAG = "gpuforge:os"
+MODULES_TAG = "gpuforge:driver-modules"  # open | proprietary NVIDIA kernel modules (images/common.py)
 NONCURRENT_VERSION_DAYS = 30  # checkpoints overwritten more than a month ago are gone
 ABORT_MULTIPART_DAYS = 7  # a crashed upload's parts stop costing money after a week
 IMDS_HOP_LIMIT = 1  # IMDSv2 tokens do not leave the instance (no containers in between)
@@ -203,16 +204,22 @@ class AwsGpuCluster(pulumi.ComponentResource):
 
     # -- image -----------------------------------------------------------------------------------
     def _resolve_image(self) -> pulumi.Output[str]:
-        """The override, else the newest baked gpuforge AMI for the OS, else the Deep Learning Base AMI."""
+        """The override, else the newest baked gpuforge AMI for the OS and the GPU's kernel-module flavour (an
+        image baked for V100s runs proprietary modules and torch cu126, one for A100s open modules and cu130),
+        else the Deep Learning Base AMI."""
         spec = self._spec
         if spec.image:
             return pulumi.Output.from_input(spec.image)
+        from provision.versions import open_kernel_modules  # provision is only needed to pick a baked image
+
+        modules = "open" if open_kernel_modules(spec.gpu_model) else "proprietary"
         invoke = pulumi.InvokeOutputOptions(provider=self._provider, parent=self)
         baked = aws.ec2.get_ami_ids_output(
             owners=["self"],
             filters=[
                 {"name": f"tag:{BAKED_TAG}", "values": ["true"]},
                 {"name": f"tag:{OS_TAG}", "values": [spec.os]},
+                {"name": f"tag:{MODULES_TAG}", "values": [modules]},
                 {"name": "state", "values": ["available"]},
             ],
             sort_ascending=False,  # newest first
@@ -222,7 +229,8 @@ class AwsGpuCluster(pulumi.ComponentResource):
         def pick(ids: list[str]) -> pulumi.Output[str] | str:
             if ids:
                 return ids[0]
-            pulumi.log.info(f"no baked gpuforge image for {spec.os} in {spec.region}; using the Deep Learning AMI")
+            pulumi.log.info(f"no baked gpuforge image for {spec.os} with {modules} driver modules in {spec.region}; "
+                            "using the Deep Learning AMI")
             dlami = DLAMI_PARAMETER.format(os=spec.os)
             return aws.ssm.get_parameter_output(name=dlami, opts=invoke).value
 

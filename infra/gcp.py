@@ -32,8 +32,9 @@ from infra.spec import ClusterSpec
 logger = logging.getLogger(__name__)
 
 CLUSTER_LABEL = "gpuforge-cluster"  # the leftover sweep and cost reports select on this label
-BAKED_LABEL = "gpuforge-baked"  # images/gcp.py labels the images it bakes with these two labels
+BAKED_LABEL = "gpuforge-baked"  # images/gcp.py labels the images it bakes with these three labels
 OS_LABEL = "gpuforge-os"
+MODULES_LABEL = "gpuforge-driver-modules"  # open | proprietary NVIDIA kernel modules (images/common.py)
 SUBNET_CIDR = "10.42.0.0/20"
 SSH_PORT = "22"
 # Deep Learning VM image families (cloud.google.com/deep-learning-vm/docs/images): CUDA 12.8 with the
@@ -165,12 +166,18 @@ class GcpGpuCluster(pulumi.ComponentResource):
         )
 
     def _resolve_image(self) -> pulumi.Output[str]:
-        """The override, else the newest baked gpuforge image for the OS, else a Deep Learning VM family."""
+        """The override, else the newest baked gpuforge image for the OS and the GPU's kernel-module flavour (an
+        image baked for V100s runs proprietary modules and torch cu126, one for A100s open modules and cu130),
+        else a Deep Learning VM family."""
         spec = self._spec
         if spec.image:
             return pulumi.Output.from_input(spec.image)
+        from provision.versions import open_kernel_modules  # provision is only needed to pick a baked image
+
+        modules = "open" if open_kernel_modules(spec.gpu_model) else "proprietary"
         baked = gcp.compute.get_images_output(
-            filter=f"labels.{BAKED_LABEL}=true AND labels.{OS_LABEL}={os_label(spec.os)}",
+            filter=(f"labels.{BAKED_LABEL}=true AND labels.{OS_LABEL}={os_label(spec.os)} "
+                    f"AND labels.{MODULES_LABEL}={modules}"),
             project=spec.project,
             opts=pulumi.InvokeOutputOptions(provider=self._provider, parent=self),
         )
@@ -178,7 +185,8 @@ class GcpGpuCluster(pulumi.ComponentResource):
         def pick(images: list[Any]) -> str:
             link = newest_image(images)
             if link is None:
-                pulumi.log.info(f"no baked gpuforge image for {spec.os} in {spec.project}; using the DLVM image")
+                pulumi.log.info(f"no baked gpuforge image for {spec.os} with {modules} driver modules in "
+                                f"{spec.project}; using the DLVM image")
                 return dlvm_image(spec.os)
             return link
 

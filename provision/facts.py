@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from provision.errors import FactsError
+
+if TYPE_CHECKING:
+    from provision.versions import NodeDriver
 
 NVIDIA_VENDOR = "10de"
 AMAZON_VENDOR = "1d0f"
@@ -31,6 +35,21 @@ PCI_GPU_NAMES = {
 # Packages whose presence means the driver came from apt (NVIDIA's CUDA repo or Ubuntu's archive).
 APT_DRIVER_PACKAGE = re.compile(r"^(nvidia-driver-|nvidia-open|cuda-drivers|libnvidia-compute-|nvidia-dkms-|nvidia-headless-)")
 SECTION = "##gpuforge:"
+# Read-only probes shared with the CUDA and Fabric Manager steps (they re-run them to check the live node).
+# version.json: `"cuda" : { "name" : "CUDA SDK", "version" : "12.8.1" }` (the version is the second line after).
+CUDA_VERSION_JSON = "grep -A2 -E '\"cuda\"[[:space:]]*:' {path} 2>/dev/null | grep '\"version\"'"
+CUDA_TOOLKITS_PROBE = (
+    'for d in /usr/local/cuda-*; do test -x "$d/bin/nvcc" && echo "${d##*/} $('
+    + CUDA_VERSION_JSON.format(path='"$d/version.json"') + ')"; done 2>/dev/null'
+)
+"""One line per toolkit directory with an nvcc: `cuda-12.8 "version" : "12.8.1"` (apt, runfile, DLAMI)."""
+NCCL_PROBE = "ls -1 /usr/local/cuda-*/lib/libnccl.so.2.* /usr/local/cuda-*/lib64/libnccl.so.2.* 2>/dev/null"
+"""NCCL libraries inside toolkit directories, where Deep Learning AMIs build theirs."""
+CUDA_PACKAGES_PROBE = (
+    "dpkg-query -W -f='${db:Status-Abbrev}${Package}=${Version}\\n' 'cuda-toolkit-[0-9]*' libnccl2 libnccl-dev"
+    " 2>/dev/null | grep '^ii'"
+)
+FABRIC_MANAGER_PROBE = "nv-fabricmanager --version 2>/dev/null"
 NVIDIA_SMI_QUERY = (
     "nvidia-smi --query-gpu=index,name,memory.total,driver_version,pci.bus_id --format=csv,noheader,nounits"
 )
@@ -49,7 +68,11 @@ GATHER_COMMAND = "; ".join(
         f"echo '{SECTION}pci'; for d in /sys/bus/pci/devices/*; do"
         ' echo "${d##*/} $(cat $d/class) $(cat $d/vendor) $(cat $d/device)"; done 2>/dev/null'
         " | grep -Ei ' 0x(10de|1d0f) '",
-        f"echo '{SECTION}cuda'; cat /usr/local/cuda/version.json 2>/dev/null | grep -A1 '\"cuda\"' | grep version",
+        f"echo '{SECTION}cuda'; " + CUDA_VERSION_JSON.format(path="/usr/local/cuda/version.json"),
+        f"echo '{SECTION}cuda-toolkits'; {CUDA_TOOLKITS_PROBE}",
+        f"echo '{SECTION}nccl'; {NCCL_PROBE}",
+        f"echo '{SECTION}cuda-pkgs'; {CUDA_PACKAGES_PROBE}",
+        f"echo '{SECTION}fabricmanager'; {FABRIC_MANAGER_PROBE}",
         f"echo '{SECTION}nvidia-pkgs'; dpkg-query -W -f='${{db:Status-Abbrev}}${{Package}}=${{Version}}\\n'"
         " 'nvidia-*' 'libnvidia-compute-*' 'cuda-drivers*' 2>/dev/null | grep '^ii'",
         f"echo '{SECTION}runfile'; test -x /usr/bin/nvidia-uninstall && echo runfile",
@@ -99,6 +122,15 @@ class Facts:
     """None when unknown (no mokutil)."""
     efa_installer: str = ""
     """Version of the AWS EFA installer that last ran on the node ("" when never)."""
+    cuda_toolkits: tuple[str, ...] = ()
+    """CUDA toolkits under /usr/local/cuda-X.Y (with an nvcc), oldest first: `12.8.1` (`12.8` without a
+    version.json)."""
+    cuda_packages: tuple[str, ...] = ()
+    """Installed `cuda-toolkit-X-Y`, `libnccl2`, `libnccl-dev` apt packages as `name=version`."""
+    nccl_libraries: tuple[str, ...] = ()
+    """`libnccl.so.2.X.Y` files inside toolkit directories (Deep Learning AMIs build NCCL there)."""
+    fabric_manager: str = ""
+    """Version `nv-fabricmanager --version` reports ("" when not installed)."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -118,6 +150,13 @@ class Facts:
         gpus = f"{self.gpu_count}x {self.gpu_model or 'GPU'}" if self.has_gpu else "no GPU"
         driver = f", driver {self.driver_version}" if self.driver_version else ""
         return f"{self.os_name or 'unknown OS'}, {self.cpus} CPUs, {self.mem_gib:.0f} GiB, {gpus}{driver}"
+
+    @property
+    def existing_driver(self) -> NodeDriver:
+        """The driver as provision.drivers.choose_driver weighs it (version, packaging, modules, GPUs seen)."""
+        from provision.versions import NodeDriver  # versions imports nothing from here; keep facts importable alone
+
+        return NodeDriver.from_facts(self)
 
     @property
     def gpu_model(self) -> str:
@@ -260,6 +299,35 @@ def parse_efa_installer(text: str) -> str:
     return match.group(1) if match else ""
 
 
+def parse_cuda_toolkits(text: str) -> tuple[str, ...]:
+    """CUDA_TOOLKITS_PROBE lines -> versions, oldest first: version.json's when it belongs to the directory's
+    release, else the directory's `X.Y`."""
+    found = []
+    for line in text.splitlines():
+        match = re.match(r"cuda-(\d+\.\d+)\b(.*)", line.strip())
+        if not match:
+            continue
+        listed = re.search(r'"version"\s*:\s*"(\d+(?:\.\d+)+)"', match[2])
+        found.append(listed[1] if listed and listed[1].startswith(match[1] + ".") else match[1])
+    return tuple(sorted(set(found), key=lambda v: tuple(int(p) for p in v.split("."))))
+
+
+def parse_nccl_libraries(text: str) -> tuple[str, ...]:
+    return tuple(sorted({line.strip() for line in text.splitlines() if re.search(r"libnccl\.so\.2\.\d+", line)}))
+
+
+def nccl_library_version(path: str) -> str:
+    """`/usr/local/cuda-12.8/lib/libnccl.so.2.26.2` -> `2.26.2`."""
+    match = re.search(r"libnccl\.so\.(\d+\.\d+\.\d+)$", path.strip())
+    return match.group(1) if match else ""
+
+
+def parse_fabric_manager(text: str) -> str:
+    """`Fabric Manager version is : 580.167.08` -> `580.167.08`."""
+    match = re.search(r"\b(\d+\.\d+(?:\.\d+)?)\b", text)
+    return match.group(1) if match else ""
+
+
 def parse_facts(output: str) -> Facts:
     s = split_sections(output)
     os_id, os_version = parse_os_release(s.get("os", ""))
@@ -295,6 +363,10 @@ def parse_facts(output: str) -> Facts:
         cuda_version=cuda.group(1) if cuda else "",
         secure_boot=parse_secure_boot(s.get("secureboot", "")),
         efa_installer=parse_efa_installer(s.get("efa-installer", "")),
+        cuda_toolkits=parse_cuda_toolkits(s.get("cuda-toolkits", "")),
+        cuda_packages=tuple(line[3:].strip() for line in s.get("cuda-pkgs", "").splitlines() if line.startswith("ii")),
+        nccl_libraries=parse_nccl_libraries(s.get("nccl", "")),
+        fabric_manager=parse_fabric_manager(s.get("fabricmanager", "")),
     )
 
 

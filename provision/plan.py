@@ -5,13 +5,16 @@ prints, the exact ordered steps and commands gpuforge would run as root on a fre
     >>> print(render_plan(GPU_STEPS, ctx))        # doctest: +SKIP
 
 The facts of the imagined VM come from the instance catalog (GPUs, NVSwitch, EFA) and the OS name;
-a fresh VM has no driver, so every GPU step shows its full plan, reboots included.
+a fresh VM has no driver, so every GPU step shows its full plan, reboots included. With a real node's facts
+(a Deep Learning AMI's, say) each step first says what it found and keeps (`= already in place on this node:
+...`).
 """
 
 from __future__ import annotations
 
 from provision.facts import Facts
 from provision.steps.base import Step, StepContext
+from provision.steps.gpu_common import gpu_model_of, versions_for
 from provision.versions import gpu_family, version_set
 
 # NVSwitch chips on an HGX baseboard (what lspci lists as NVIDIA bridges): HGX A100 8-GPU has six
@@ -64,12 +67,13 @@ def plan_context(cloud: str, instance_type: str, os_name: str, accelerator: str 
 def render_plan(steps: list[Step], ctx: StepContext) -> str:
     """Every step in order: skipped ones with the reason, the others with their numbered commands
     (`sudo ` shown where the command runs as root, reboots marked)."""
-    vs = ctx.options.get("versions")
     what = ctx.options.get("instance_type") or ctx.node.instance_type or ctx.node.name
     lines = [f"Setup plan for {what}: {ctx.facts.summary() if ctx.facts else 'no facts'}"]
-    if vs is not None:
+    if ctx.options.get("versions") is not None:
+        vs = versions_for(ctx)  # the matrix row around what the node keeps (a Deep Learning AMI's driver ...)
         lines.append(
-            f"Versions: driver {vs.driver_version}, CUDA {vs.cuda_toolkit}, NCCL {vs.nccl}, torch {vs.torch}, "
+            f"Versions: driver {vs.driver_version}, CUDA {vs.cuda_toolkit}, NCCL {vs.nccl}, torch {vs.torch}+"
+            f"{vs.torch_cuda_tag(gpu_model_of(ctx)) if gpu_model_of(ctx) else vs.torch_cuda}, "
             f"EFA installer {vs.efa_installer} (provision/versions.toml)"
         )
     for number, step in enumerate(steps, 1):
@@ -78,6 +82,9 @@ def render_plan(steps: list[Step], ctx: StepContext) -> str:
             lines.append(f"\n[{number}] {step.name}: skipped ({reason})")
             continue
         lines.append(f"\n[{number}] {step.name}: {step.description}")
+        note = step.existing_note(ctx) if hasattr(step, "existing_note") else ""
+        if note:
+            lines.append(f"    = {note}")
         for i, cmd in enumerate(step.plan(ctx), 1):
             if cmd.desc:
                 lines.append(f"    # {cmd.desc}")

@@ -8,8 +8,11 @@ validates it where it is declared, and answers the questions the GPU steps ask:
     ('580.167.08', '13.0', '2.13.0')
     >>> torch_requirement("ubuntu-22.04", has_gpu=True)
     ('torch==2.13.0', 'https://download.pytorch.org/whl/cu130')
-    >>> check_driver("570.172.08", vs)        # an apt-installed older driver
-    'upgrade'
+    >>> torch_requirement("ubuntu-22.04", True, "A10G", NodeDriver("570.172.08", "runfile"))  # a DLAMI's R570
+    ('torch==2.13.0', 'https://download.pytorch.org/whl/cu126')
+
+What a node keeps of its existing driver, and which torch build follows from it, is decided in
+provision/drivers.py (choose_driver).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from provision.errors import MatrixError
@@ -34,6 +37,10 @@ NCCL_ENV_FILE = "/etc/gpuforge/nccl.env"
 # (CUDA Compatibility guide, "CUDA Toolkit 11.x, 12.x, and 13.x Driver Version Ranges"; 13.x: >= 580,
 # 580.65.06 being the driver CUDA 13.0 GA shipped with).
 MIN_DRIVER_FOR_CUDA_MAJOR = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+# Compute capabilities each PyTorch CUDA wheel carries kernels for (pytorch/pytorch RELEASE.md, "PyTorch CUDA
+# Support Matrix"; .ci/manywheel/build_cuda.sh TORCH_CUDA_ARCH_LIST): cu126 sm_50..sm_90 (no Blackwell: CUDA 12.6
+# predates sm_100), cu130 sm_75..sm_120 (CUDA 13 dropped Maxwell, Pascal and Volta).
+TORCH_BUILD_ARCHS = {"cu126": ("5.0", "9.0"), "cu130": ("7.5", "12.0")}
 # GCP image families: 1-63 chars, lowercase letters, digits and hyphens, starting with a letter
 # (Compute Engine API, Image.family / RFC1035 names).
 IMAGE_FAMILY_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -117,6 +124,12 @@ def parse_version(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def cuda_of_build(build: str) -> str:
+    """`cu126` -> `12.6`, `cu130` -> `13.0`."""
+    digits = build.removeprefix("cu")
+    return f"{digits[:-1]}.{digits[-1]}"
+
+
 def min_driver_for_cuda(cuda: str) -> str:
     """Oldest driver that runs CUDA `cuda` (minor-version compatibility), e.g. `12.8` -> `525.60.13`."""
     major = parse_version(cuda)[:1]
@@ -142,6 +155,8 @@ class VersionSet:
     torch: str
     torch_cuda: str
     torch_cuda_legacy: str
+    cuda_toolkit_legacy: str
+    nccl_legacy: str
     efa_installer: str
     aws_ofi_nccl: str
 
@@ -162,6 +177,14 @@ class VersionSet:
             raise MatrixError(f"{where}: cuda_toolkit {self.cuda_toolkit} is not a CUDA {self.cuda} release")
         if self.torch_cuda != "cu" + self.cuda.replace(".", ""):
             raise MatrixError(f"{where}: torch_cuda {self.torch_cuda} does not match CUDA {self.cuda}")
+        for tag in (self.torch_cuda, self.torch_cuda_legacy):
+            if tag not in TORCH_BUILD_ARCHS:
+                raise MatrixError(f"{where}: torch build {tag} is not one of {', '.join(TORCH_BUILD_ARCHS)}")
+        if not self.cuda_toolkit_legacy.startswith(cuda_of_build(self.torch_cuda_legacy) + "."):
+            raise MatrixError(
+                f"{where}: cuda_toolkit_legacy {self.cuda_toolkit_legacy} is not a CUDA "
+                f"{cuda_of_build(self.torch_cuda_legacy)} release ({self.torch_cuda_legacy})"
+            )
 
     # -- apt packages and repository -------------------------------------------------------------------
     @property
@@ -201,15 +224,41 @@ class VersionSet:
         """`cu130`, or `cu126` for GPUs the CUDA 13 wheels dropped (Volta, Pascal, Maxwell)."""
         return self.torch_cuda_legacy if gpu_generation(gpu_model).legacy_torch else self.torch_cuda
 
+    def torch_builds(self, gpu_model: str = "") -> list[str]:
+        """The matrix's torch CUDA builds that carry kernels for this GPU, the tested one first:
+        `['cu130', 'cu126']` on Turing..Hopper, `['cu126']` on Volta and older, `['cu130']` on Blackwell."""
+        builds = [self.torch_cuda, *([self.torch_cuda_legacy] if self.torch_cuda_legacy != self.torch_cuda else [])]
+        if not gpu_model:
+            return builds
+        preferred = self.torch_cuda_tag(gpu_model)
+        capability = parse_version(gpu_generation(gpu_model).compute_capability)
+        usable = [b for b in builds if parse_version(TORCH_BUILD_ARCHS[b][0]) <= capability
+                  <= parse_version(TORCH_BUILD_ARCHS[b][1])]
+        return sorted(usable, key=lambda b: b != preferred)
+
+    def for_torch_build(self, build: str) -> VersionSet:
+        """This row with the CUDA stack (toolkit, NCCL) that goes with torch build `build` (cu130 or cu126)."""
+        if build == self.torch_cuda:
+            return self
+        if build != self.torch_cuda_legacy:
+            raise MatrixError(f"torch build {build} is not in the matrix ({self.torch_cuda}, {self.torch_cuda_legacy})")
+        return replace(self, cuda=cuda_of_build(build), cuda_toolkit=self.cuda_toolkit_legacy, nccl=self.nccl_legacy,
+                       torch_cuda=build)
+
+    def with_driver(self, driver_version: str) -> VersionSet:
+        """This row around a driver the node already runs: Fabric Manager must then equal that driver."""
+        if driver_version == self.driver_version:
+            return self
+        branch = str(parse_version(driver_version)[0])
+        return replace(self, driver_branch=branch, driver_version=driver_version, fabric_manager=driver_version)
+
     def torch_index_url(self, gpu_model: str = "") -> str:
         tag = self.torch_cuda_tag(gpu_model) if gpu_model else self.torch_cuda
         return f"{TORCH_INDEX_BASE}/{tag}"
 
     def torch_cuda_version(self, gpu_model: str = "") -> str:
         """What `torch.version.cuda` reports for the build this node gets: `13.0` or `12.6`."""
-        tag = self.torch_cuda_tag(gpu_model) if gpu_model else self.torch_cuda
-        digits = tag.removeprefix("cu")
-        return f"{digits[:-1]}.{digits[-1]}"
+        return cuda_of_build(self.torch_cuda_tag(gpu_model) if gpu_model else self.torch_cuda)
 
 
 @functools.cache
@@ -243,47 +292,50 @@ def version_set(os_name: str) -> VersionSet:
     return matrix[os_name]
 
 
-def torch_requirement(os_name: str, has_gpu: bool, gpu_model: str = "") -> tuple[str, str | None]:
-    """(`torch==X`, wheel index URL) for a node: the CUDA build on GPU nodes (the CUDA 12.6 build for
-    Volta/Pascal/Maxwell when `gpu_model` says so), the CPU build elsewhere."""
+def torch_requirement(
+    os_name: str, has_gpu: bool, gpu_model: str = "", existing_driver: str | NodeDriver = ""
+) -> tuple[str, str | None]:
+    """(`torch==X`, wheel index URL) for a node: the CPU build without a GPU; on GPU nodes the CUDA build the
+    node's driver will run after setup (provision/drivers.py choose_driver): the matrix's cu130, or cu126 for
+    Volta/Pascal/Maxwell and for nodes that keep an existing pre-R580 driver (a Deep Learning AMI/VM).
+
+    `existing_driver` is Facts.existing_driver (a NodeDriver); a bare version string is taken as a driver
+    apt does not manage (NVIDIA's .run installer, as Deep Learning AMIs/VMs ship), which setup keeps."""
     vs = version_set(os_name)
     if not has_gpu:
         return f"torch=={vs.torch}", f"{TORCH_INDEX_BASE}/cpu"
+    node = existing_driver if isinstance(existing_driver, NodeDriver) else NodeDriver(existing_driver)
+    if node.version:
+        from provision.drivers import choose_driver  # drivers builds on this module
+
+        vs = choose_driver(vs, gpu_model, node).versions
     return f"torch=={vs.torch}", vs.torch_index_url(gpu_model)
 
 
-def check_driver(existing: str, vs: VersionSet, packaging: str = "") -> str:
-    """What to do with the node's current driver: `ok` (it is the pinned one) or `upgrade` (none yet, or an
-    older apt-installed one: the driver step installs the pinned version and reboots).
+@dataclass(frozen=True)
+class NodeDriver:
+    """The NVIDIA driver a node runs before setup, as its facts show it."""
 
-    Raises MatrixError when the present driver cannot be replaced in place: it came from NVIDIA's .run
-    installer or another non-apt source, or it is on a newer branch than the matrix (a downgrade).
-    `packaging` is Facts.driver_packaging: "apt", "runfile", or "" when unknown.
-    """
-    if not existing:
-        return "upgrade"
-    if existing == vs.driver_version:
-        return "ok"
-    if packaging == "runfile":
-        raise MatrixError(
-            f"NVIDIA driver {existing} was installed with NVIDIA's .run installer (a Deep Learning AMI/VM?); "
-            f"gpuforge installs the tested {vs.driver_version} from apt and cannot replace a runfile driver in "
-            "place. Use a plain Ubuntu image or a gpuforge baked image, or remove it with "
-            "`sudo nvidia-uninstall` and run setup again."
-        )
-    if packaging != "apt":
-        raise MatrixError(
-            f"NVIDIA driver {existing} is loaded but no apt package provides it; gpuforge installs the tested "
-            f"{vs.driver_version} from apt and will not overwrite a driver it cannot account for. Use a plain "
-            "Ubuntu image or a gpuforge baked image."
-        )
-    if parse_version(existing)[:1] > parse_version(vs.driver_version)[:1]:
-        raise MatrixError(
-            f"NVIDIA driver {existing} is on a newer branch than the tested R{vs.driver_branch} "
-            f"({vs.driver_version}); gpuforge does not downgrade drivers across branches. Use a plain Ubuntu "
-            "image or a gpuforge baked image."
-        )
-    return "upgrade"
+    version: str = ""
+    packaging: str = ""
+    """`apt`, `runfile` (NVIDIA's .run installer), or "" (no driver, or from somewhere else)."""
+    flavor: str = ""
+    """`open` / `proprietary` kernel modules ("" when unknown)."""
+    gpus_visible: bool = True
+    """nvidia-smi lists every NVIDIA GPU on the PCI bus."""
+
+    @classmethod
+    def from_facts(cls, facts: object) -> NodeDriver:
+        """From a provision.facts.Facts (duck-typed: this module does not import facts)."""
+        gpus, on_bus = getattr(facts, "gpus", ()), getattr(facts, "gpu_pci_count", 0)
+        return cls(getattr(facts, "driver_version", ""), getattr(facts, "driver_packaging", ""),
+                   getattr(facts, "driver_flavor", ""), bool(gpus) and len(gpus) >= on_bus)
+
+    def describe(self) -> str:
+        """`driver 570.172.08 (NVIDIA .run installer, open kernel modules)`."""
+        how = {"apt": "apt", "runfile": "NVIDIA .run installer"}.get(self.packaging, "not from apt")
+        modules = f", {self.flavor} kernel modules" if self.flavor else ""
+        return f"driver {self.version} ({how}{modules})"
 
 
 def image_family(os_name: str) -> str:
@@ -303,13 +355,15 @@ def matrix_table() -> list[dict[str, str]]:
     rows = []
     for os_name in supported_os():
         vs = version_set(os_name)
+        legacy = vs.for_torch_build(vs.torch_cuda_legacy)
         rows.append({
             "os": os_name,
             "driver": f"{vs.driver_version} (R{vs.driver_branch}; open modules on Turing+, proprietary on Volta and older)",
             "fabric_manager": vs.fabric_manager,
-            "cuda": f"{vs.cuda} ({vs.cuda_toolkit})",
-            "nccl": vs.nccl_deb_version,
-            "torch": f"{vs.torch} ({vs.torch_cuda}; {vs.torch_cuda_legacy} on Volta/Pascal/Maxwell)",
+            "cuda": f"{vs.cuda} ({vs.cuda_toolkit}); {legacy.cuda} ({legacy.cuda_toolkit}) with {legacy.torch_cuda}",
+            "nccl": f"{vs.nccl_deb_version}; {legacy.nccl_deb_version} with {legacy.torch_cuda}",
+            "torch": f"{vs.torch} ({vs.torch_cuda}; {vs.torch_cuda_legacy} on Volta/Pascal/Maxwell and with a kept "
+                     "pre-R580 driver)",
             "torch_index_url": vs.torch_index_url(),
             "efa_installer": vs.efa_installer,
             "aws_ofi_nccl": vs.aws_ofi_nccl,

@@ -51,7 +51,7 @@ class PythonEnvStep(Step):
         if ctx.is_local:
             return ctx.options["controller_torch"], None
         facts = ctx.facts
-        return torch_requirement(facts.os_name, facts.has_gpu, facts.gpu_model)
+        return torch_requirement(facts.os_name, facts.has_gpu, facts.gpu_model, facts.existing_driver)
 
     def plan(self, ctx: StepContext) -> list[Cmd]:
         venv, py = q(ctx.venv), q(ctx.python)

@@ -3,7 +3,8 @@
 Follows the EC2 User Guide, "Get started with EFA and NCCL" (EFA installer 1.50.0 edition): download the
 installer tarball, verify its GPG signature against AWS's published key fingerprint, run
 `efa_installer.sh -y --mpi=openmpi5 --check-signatures`; libfabric lands in /opt/amazon/efa and the
-aws-ofi-nccl plugin in /opt/amazon/ofi-nccl.
+aws-ofi-nccl plugin in /opt/amazon/ofi-nccl. An installer at or above the pinned one that already ran (Deep
+Learning AMIs ship one) is kept: the step then only sets ptrace and writes the NCCL environment.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 from provision.facts import parse_efa_installer
 from provision.steps.base import Cmd, Step, StepContext, fingerprint_of
-from provision.steps.gpu_common import CACHE_DIR, catalog_row, efa_rdma, probe, sh, versions_for, write_file
+from provision.drivers import KEPT
+from provision.steps.gpu_common import CACHE_DIR, at_least, catalog_row, efa_rdma, probe, sh, versions_for, write_file
 from provision.versions import NCCL_ENV_FILE
 
 EFA_BASE_URL = "https://efa-installer.amazonaws.com"
@@ -83,18 +85,51 @@ class EfaStep(Step):
         vs = versions_for(ctx)
         out = probe(conn, self.probe_sections(ctx))
         return (
-            parse_efa_installer(out.get("installer", "")) == vs.efa_installer
+            at_least(parse_efa_installer(out.get("installer", "")), vs.efa_installer)
             and out.get("fi") == "ok"
             and out.get("ptrace") == "0"
             and out.get("env", "").splitlines() == nccl_env_lines(efa_rdma(ctx))
         )
 
+    def installer_kept(self, ctx: StepContext) -> bool:
+        """The node already ran an EFA installer at or above the pinned one."""
+        return ctx.facts is not None and at_least(ctx.facts.efa_installer, versions_for(ctx).efa_installer)
+
+    def existing_note(self, ctx: StepContext) -> str:
+        found, want = (ctx.facts.efa_installer if ctx.facts else ""), versions_for(ctx).efa_installer
+        if not found:
+            return ""
+        if self.installer_kept(ctx):
+            return f"{KEPT}: EFA installer {found} (>= {want})"
+        return f"EFA installer {found} is older than {want}: the {want} installer runs"
+
     def plan(self, ctx: StepContext) -> list[Cmd]:
+        env_dir = NCCL_ENV_FILE.rsplit("/", 1)[0]
+        kept = self.installer_kept(ctx)
+        cmds = [] if kept else self.plan_installer(ctx)
+        cmds += [
+            write_file(PTRACE_SYSCTL_FILE, ["kernel.yama.ptrace_scope = 0"], desc="allow cross-memory attach at boot"),
+            Cmd("sysctl -w kernel.yama.ptrace_scope=0", sudo=True, desc="and now"),
+            Cmd(f"install -d -m 0755 {env_dir}", sudo=True, desc="gpuforge configuration directory"),
+            write_file(NCCL_ENV_FILE, nccl_env_lines(efa_rdma(ctx)), desc="NCCL environment the launcher sources"),
+        ]
+        if not kept:
+            cmds.append(Cmd("reboot", sudo=True, reboot=True,
+                            desc="load the new EFA kernel module (setup waits for SSH, then continues)"))
+        cmds.append(sh(
+            f"{FI_INFO} -p efa -t FI_EP_RDM >/dev/null || "
+            '{ echo "no EFA device answers: launch the instance with EFA network interfaces" >&2; exit 1; }; '
+            "ls /opt/amazon/ofi-nccl/lib/x86_64-linux-gnu/libnccl-net*.so /opt/amazon/ofi-nccl/lib/libnccl-net*.so "
+            '2>/dev/null | grep -q . || { echo "aws-ofi-nccl plugin missing under /opt/amazon/ofi-nccl" >&2; exit 1; }',
+            desc="verify: libfabric sees the EFA devices and the NCCL plugin is installed"))
+        return cmds
+
+    def plan_installer(self, ctx: StepContext) -> list[Cmd]:
+        """Download, verify and run the pinned EFA installer."""
         vs = versions_for(ctx)
         tarball = f"aws-efa-installer-{vs.efa_installer}.tar.gz"
         local = f"{CACHE_DIR}/{tarball}"
-        env_dir = NCCL_ENV_FILE.rsplit("/", 1)[0]
-        cmds = [
+        return [
             Cmd(f"install -d -m 0755 {CACHE_DIR}", sudo=True, desc="root-owned download directory"),
             Cmd(f"curl -fsSL --retry 3 -o {local} {EFA_BASE_URL}/{tarball}", sudo=True,
                 desc=f"EFA installer {vs.efa_installer} (bundles aws-ofi-nccl {vs.aws_ofi_nccl})"),
@@ -111,18 +146,4 @@ class EfaStep(Step):
             sh(f"cd {EFA_DIR} && EFA_INSTALLER_KEY={EFA_KEY_FILE} ./efa_installer.sh -y --mpi=openmpi5 --check-signatures",
                sudo=True, desc="install libfabric, the EFA driver, aws-ofi-nccl and Open MPI 5 (packages signature-checked)",
                timeout=1800.0),
-            write_file(PTRACE_SYSCTL_FILE, ["kernel.yama.ptrace_scope = 0"], desc="allow cross-memory attach at boot"),
-            Cmd("sysctl -w kernel.yama.ptrace_scope=0", sudo=True, desc="and now"),
-            Cmd(f"install -d -m 0755 {env_dir}", sudo=True, desc="gpuforge configuration directory"),
-            write_file(NCCL_ENV_FILE, nccl_env_lines(efa_rdma(ctx)), desc="NCCL environment the launcher sources"),
         ]
-        if ctx.facts is None or ctx.facts.efa_installer != vs.efa_installer:
-            cmds.append(Cmd("reboot", sudo=True, reboot=True,
-                            desc="load the new EFA kernel module (setup waits for SSH, then continues)"))
-        cmds.append(sh(
-            f"{FI_INFO} -p efa -t FI_EP_RDM >/dev/null || "
-            '{ echo "no EFA device answers: launch the instance with EFA network interfaces" >&2; exit 1; }; '
-            "ls /opt/amazon/ofi-nccl/lib/x86_64-linux-gnu/libnccl-net*.so /opt/amazon/ofi-nccl/lib/libnccl-net*.so "
-            '2>/dev/null | grep -q . || { echo "aws-ofi-nccl plugin missing under /opt/amazon/ofi-nccl" >&2; exit 1; }',
-            desc="verify: libfabric sees the EFA devices and the NCCL plugin is installed"))
-        return cmds

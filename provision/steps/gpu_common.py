@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from provision.facts import SECTION, split_sections
 from provision.steps.base import Cmd
-from provision.versions import VersionSet, gpu_family, version_set
+from provision.drivers import DriverChoice, choose_driver
+from provision.versions import NodeDriver, VersionSet, gpu_family, parse_version, version_set
 
 if TYPE_CHECKING:
     from infra.catalog import InstanceType
@@ -79,12 +80,25 @@ def probe(conn: Any, sections: dict[str, str]) -> dict[str, str]:
     return split_sections(result.stdout or "")
 
 
-def versions_for(ctx: StepContext) -> VersionSet:
+def matrix_for(ctx: StepContext) -> VersionSet:
     """The matrix row for this node: ctx.options["versions"] when the runner chose one, else by the node's OS."""
     chosen = ctx.options.get("versions")
     if isinstance(chosen, VersionSet):
         return chosen
     return version_set(ctx.facts.os_name if ctx.facts else "")
+
+
+def driver_choice(ctx: StepContext) -> DriverChoice:
+    """Install or keep the node's driver, and the versions that follow (provision/drivers.py); MatrixError
+    when the node's driver can be neither kept nor replaced."""
+    node = ctx.facts.existing_driver if ctx.facts is not None else NodeDriver()
+    return choose_driver(matrix_for(ctx), gpu_model_of(ctx), node)
+
+
+def versions_for(ctx: StepContext) -> VersionSet:
+    """What this node runs once set up: the matrix row, around the node's own driver where it keeps one
+    (then Fabric Manager follows that driver, and CUDA/NCCL/torch the torch build it runs)."""
+    return driver_choice(ctx).versions
 
 
 def gpu_model_of(ctx: StepContext) -> str:
@@ -127,6 +141,11 @@ def expected_gpu_count(ctx: StepContext) -> int:
     if ctx.facts and ctx.facts.gpu_pci_count:
         return ctx.facts.gpu_pci_count
     return ctx.node.gpu_count
+
+
+def at_least(found: str, wanted: str) -> bool:
+    """`found` >= `wanted` as dotted versions ("" is never enough)."""
+    return bool(found) and parse_version(found) >= parse_version(wanted)
 
 
 def efa_rdma(ctx: StepContext) -> bool:

@@ -94,3 +94,57 @@ def test_torch_check_fails_loudly_when_torch_cannot_use_cuda():
     proc = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "cannot use the GPUs: torch.cuda.is_available() is False" in proc.stderr
+
+
+VERSION_JSON = """{
+   "cuda" : {
+      "name" : "CUDA SDK",
+      "version" : "12.8.1"
+   },
+   "cuda_cccl" : {
+      "name" : "CUDA C++ Core Compute Libraries",
+      "version" : "12.8.90"
+   }
+}
+"""
+
+
+def fake_toolkits(root: Path) -> None:
+    """/usr/local as a Deep Learning AMI lays it out: toolkits with nvcc, NCCL built inside one of them."""
+    for release, json_text in (("12.8", VERSION_JSON), ("12.6", None)):
+        nvcc = root / f"cuda-{release}" / "bin" / "nvcc"
+        nvcc.parent.mkdir(parents=True)
+        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.85'\n")
+        nvcc.chmod(0o755)
+        if json_text:
+            (root / f"cuda-{release}" / "version.json").write_text(json_text)
+    (root / "cuda-11.8" / "lib").mkdir(parents=True)  # no nvcc: not a toolkit
+    (root / "cuda-12.8" / "lib").mkdir()
+    (root / "cuda-12.8" / "lib" / "libnccl.so.2.26.2").write_text("")
+
+
+def test_existing_cuda_probes_read_a_dlami_layout(tmp_path):
+    """The facts/cuda-toolkit probes, run by sh over a fake /usr/local: version.json's SDK version (its "name"
+    line comes first), toolkits without one by directory, and NCCL inside a toolkit."""
+    from provision.facts import CUDA_TOOLKITS_PROBE, CUDA_VERSION_JSON, NCCL_PROBE, parse_cuda_toolkits, parse_facts
+
+    fake_toolkits(tmp_path)
+    moved = {name: text.replace("/usr/local/", f"{tmp_path}/") for name, text in
+             {"toolkits": CUDA_TOOLKITS_PROBE, "nccl": NCCL_PROBE,
+              "cuda": CUDA_VERSION_JSON.format(path="/usr/local/cuda-12.8/version.json")}.items()}
+    assert parse_cuda_toolkits(sh(moved["toolkits"]).stdout) == ("12.6", "12.8.1")
+    assert sh(moved["nccl"]).stdout.split() == [f"{tmp_path}/cuda-12.8/lib/libnccl.so.2.26.2"]
+    assert parse_facts(f"##gpuforge:cuda\n{sh(moved['cuda']).stdout}").cuda_version == "12.8.1"
+
+
+def test_kept_toolkit_verify_snippet(tmp_path):
+    from tests.unit.test_gpu_plans import fixture_ctx
+
+    fake_toolkits(tmp_path)
+    ctx = fixture_ctx("gcp_g2_l4_dlvm.txt", "gcp", "g2-standard-8",
+                      nccl_libraries=("/usr/local/cuda-12.8/lib/libnccl.so.2.26.2",), cuda_packages=())
+    verify = STEPS["cuda-toolkit"].plan(ctx)[-1]
+    script = shlex.split(verify.run)[2].replace("/usr/local/", f"{tmp_path}/")
+    assert sh(script).returncode == 0
+    (tmp_path / "cuda-12.8" / "lib" / "libnccl.so.2.26.2").unlink()
+    assert sh(script.replace("/usr/lib/x86_64-linux-gnu/", f"{tmp_path}/none/")).returncode != 0

@@ -8,6 +8,8 @@ import pytest
 
 from provision.errors import FactsError
 from provision.facts import (
+    nccl_library_version,
+    parse_cuda_toolkits,
     parse_driver_flavor,
     parse_efa_installer,
     parse_facts,
@@ -31,6 +33,9 @@ def load(name: str):
         ("aws_p4d_missing_gpu.txt", "ubuntu-22.04", 8, 7, "NVIDIA A100-SXM4-40GB", 6, 4, "580.167.08", "open", "apt"),
         ("aws_p5_h100_fresh.txt", "ubuntu-24.04", 8, 0, "H100 SXM5 80GB", 4, 32, "", "", ""),
         ("aws_g5_a10g_dlami.txt", "ubuntu-22.04", 1, 1, "NVIDIA A10G", 0, 0, "570.172.08", "open", "runfile"),
+        ("aws_g5_a10g_dlami_580.txt", "ubuntu-22.04", 1, 1, "NVIDIA A10G", 0, 0, "580.95.05", "open", "runfile"),
+        ("aws_p4d_a100_dlami.txt", "ubuntu-22.04", 8, 8, "NVIDIA A100-SXM4-40GB", 6, 4, "595.91.07", "open", "runfile"),
+        ("gcp_g2_l4_dlvm.txt", "ubuntu-22.04", 1, 1, "NVIDIA L4", 0, 0, "570.133.20", "proprietary", "runfile"),
         ("gcp_g2_l4.txt", "ubuntu-22.04", 1, 1, "NVIDIA L4", 0, 0, "550.90.07", "proprietary", "apt"),
         ("gcp_n1_t4_nodriver.txt", "ubuntu-22.04", 1, 0, "Tesla T4", 0, 0, "", "", "apt"),
         ("gcp_a2_sysfs_only.txt", "ubuntu-24.04", 8, 0, "A100 SXM4 40GB", 6, 0, "", "", ""),
@@ -149,3 +154,44 @@ def test_short_bus_id(bus, short):
 def test_parse_efa_installer_header():
     assert parse_efa_installer("# EFA installer version: 1.43.2\n# Debug packages installed: no") == "1.43.2"
     assert parse_efa_installer("") == ""
+
+
+@pytest.mark.parametrize(
+    "fixture, toolkits, default_cuda, nccl, packages, fabric_manager, efa",
+    [
+        ("aws_g5_a10g_dlami.txt", ("12.4.1", "12.5.1", "12.6.20241114", "12.8.1"), "12.8.1",
+         ("2.21.5", "2.22.3", "2.23.4", "2.26.2"), (), "570.172.08", "1.42.0"),
+        ("aws_p4d_a100_dlami.txt", ("12.8.1", "12.9.1", "13.0.2", "13.2.0"), "13.2.0",
+         ("2.27.7", "2.27.7", "2.29.7", "2.29.7"), (), "595.91.07", "1.50.0"),
+        ("gcp_g2_l4_dlvm.txt", ("12.8.1",), "12.8.1", (),
+         ("libnccl-dev=2.26.2-1+cuda12.8", "libnccl2=2.26.2-1+cuda12.8"), "", ""),
+        ("aws_p4d_a100.txt", (), "13.0.2", (), (), "", "1.50.0"),  # facts recorded before these sections existed
+    ],
+)
+def test_parse_facts_reads_what_an_image_already_has(
+    fixture, toolkits, default_cuda, nccl, packages, fabric_manager, efa
+):
+    facts = load(fixture)
+    assert facts.cuda_toolkits == toolkits and facts.cuda_version == default_cuda
+    assert tuple(nccl_library_version(p) for p in facts.nccl_libraries) == nccl
+    assert facts.cuda_packages == packages
+    assert (facts.fabric_manager, facts.efa_installer) == (fabric_manager, efa)
+
+
+def test_existing_driver_is_what_the_driver_decision_weighs():
+    dlami = load("aws_g5_a10g_dlami.txt").existing_driver
+    assert (dlami.version, dlami.packaging, dlami.flavor, dlami.gpus_visible) == ("570.172.08", "runfile", "open", True)
+    assert load("aws_p4d_missing_gpu.txt").existing_driver.gpus_visible is False  # 7 of 8 GPUs listed
+    assert load("aws_p5_h100_fresh.txt").existing_driver.version == ""
+
+
+@pytest.mark.parametrize(
+    "text, toolkits",
+    [
+        ('cuda-12.8       "version" : "12.8.1"\ncuda-12.6 ', ("12.6", "12.8.1")),  # no version.json: the directory
+        ('cuda-13.0 "version" : "12.9.1"', ("13.0",)),  # a version.json of another release is not believed
+        ("", ()),
+    ],
+)
+def test_parse_cuda_toolkits(text, toolkits):
+    assert parse_cuda_toolkits(text) == toolkits

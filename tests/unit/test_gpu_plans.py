@@ -137,6 +137,9 @@ def test_v100_gets_proprietary_modules_and_the_cuda_12_6_torch():
     driver = [c.run for c in STEPS["nvidia-driver"].plan(ctx)]
     assert f"{APT} 'cuda-drivers-580=580.167.08-*'" in driver and not any("nvidia-open" in c for c in driver)
     assert STEPS["gpu-verify"].plan(ctx)[-1].run.endswith(" 1 12.6")
+    assert STEPS["cuda-toolkit"].plan(ctx)[0].run == (
+        f"{APT} 'cuda-toolkit-12-6=12.6.3-*' libnccl2=2.23.4-1+cuda12.6 libnccl-dev=2.23.4-1+cuda12.6"
+    )  # CUDA 13 has no Volta: the toolkit follows the cu126 torch build
 
 
 def test_cuda_step_pins_toolkit_and_nccl():
@@ -250,11 +253,14 @@ def test_proprietary_modules_on_an_a100_are_switched_to_open():
     assert any(c.reboot for c in plan) and f"{APT} 'nvidia-open-580=580.167.08-*'" in [c.run for c in plan]
 
 
-def test_runfile_driver_of_another_version_is_refused():
-    ctx = fixture_ctx("aws_g5_a10g_dlami.txt", "aws", "g5.xlarge")
-    with pytest.raises(MatrixError, match=r"570\.172\.08 was installed with NVIDIA's \.run installer"):
+def test_runfile_driver_too_old_for_every_torch_build_is_refused():
+    """Regression: a .run-installed driver used to be refused whatever its version; now only one no torch build
+    of the matrix runs on is, and the message says what torch needs and how to remove the driver."""
+    ctx = fixture_ctx("aws_g5_a10g_dlami.txt", "aws", "g5.xlarge", driver_version="470.256.02")
+    message = r"driver 470\.256\.02 \(NVIDIA \.run installer.*needs driver >= 525\.60\.13\).*nvidia-uninstall"
+    with pytest.raises(MatrixError, match=message):
         STEPS["nvidia-driver"].plan(ctx)
-    with pytest.raises(MatrixError):
+    with pytest.raises(MatrixError, match=message):
         render_plan(GPU_STEPS, ctx)
 
 

@@ -69,7 +69,7 @@ class ProgramRun:
 class RecordingMocks(pulumi.runtime.Mocks):
     """Answers like the providers would: computed ids, ARNs, addresses; every invoke the program uses."""
 
-    def __init__(self, baked_amis: list[str], gcp_images: list[dict[str, Any]]) -> None:
+    def __init__(self, baked_amis: list[dict[str, Any]], gcp_images: list[dict[str, Any]]) -> None:
         self.resources: list[Registered] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.baked_amis = baked_amis
@@ -86,12 +86,30 @@ class RecordingMocks(pulumi.runtime.Mocks):
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
         self.calls.append((args.token, dict(args.args)))
         if args.token == "aws:ec2/getAmiIds:getAmiIds":
-            return {"id": "ami-ids", "ids": list(self.baked_amis)}
+            return {"id": "ami-ids", "ids": matching_amis(self.baked_amis, args.args.get("filters", []))}
         if args.token == "aws:ssm/getParameter:getParameter":
             return {"id": args.args["name"], "name": args.args["name"], "value": DLAMI_ID, "type": "String"}
         if args.token == "gcp:compute/getImages:getImages":
-            return {"id": "images", "images": list(self.gcp_images)}
+            return {"id": "images", "images": matching_images(self.gcp_images, args.args.get("filter", ""))}
         raise AssertionError(f"the program made an invoke the mocks do not answer: {args.token}")
+
+
+def baked_ami(ami_id: str, os_name: str = "ubuntu-22.04", modules: str = "open") -> dict[str, Any]:
+    """An AMI as images/aws.py tags it (newest first in a list, as EC2 sorts for sort_ascending=False)."""
+    tags = {"gpuforge:baked": "true", "gpuforge:os": os_name, "gpuforge:driver-modules": modules}
+    return {"id": ami_id, "tags": tags}
+
+
+def matching_amis(amis: list[dict[str, Any]], filters: list[dict[str, Any]]) -> list[str]:
+    """What EC2 DescribeImages answers for `tag:KEY` filters (any listed value matches); other filters pass."""
+    wanted = {f["name"].removeprefix("tag:"): f["values"] for f in filters if f["name"].startswith("tag:")}
+    return [a["id"] for a in amis if all(a["tags"].get(k) in values for k, values in wanted.items())]
+
+
+def matching_images(images: list[dict[str, Any]], expression: str) -> list[dict[str, Any]]:
+    """What Compute images.list answers for a filter of `labels.KEY=VALUE` terms joined by AND."""
+    terms = [t.strip().removeprefix("labels.").split("=", 1) for t in expression.split(" AND ") if t.strip()]
+    return [i for i in images if all(i.get("labels", {}).get(k) == v for k, v in terms)]
 
 
 def computed_outputs(typ: str, name: str, inputs: dict[str, Any], n: int) -> dict[str, Any]:
@@ -394,6 +412,7 @@ def test_without_a_baked_image_the_deep_learning_ami_is_used(os_name):
     tokens = dict(run.calls)
     baked_filters = {f["name"]: f["values"] for f in tokens["aws:ec2/getAmiIds:getAmiIds"]["filters"]}
     assert baked_filters["tag:gpuforge:baked"] == ["true"] and baked_filters["tag:gpuforge:os"] == [os_name]
+    assert baked_filters["tag:gpuforge:driver-modules"] == ["open"]
     assert tokens["aws:ec2/getAmiIds:getAmiIds"]["owners"] == ["self"]
     expected = f"/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-{os_name}/latest/ami-id"
     assert tokens["aws:ssm/getParameter:getParameter"]["name"] == expected
@@ -401,9 +420,25 @@ def test_without_a_baked_image_the_deep_learning_ami_is_used(os_name):
 
 
 def test_newest_baked_image_wins_and_the_dlami_is_not_looked_up():
-    run = run_program(aws_config(), baked_amis=["ami-0newest", "ami-0older"])
+    run = run_program(aws_config(), baked_amis=[baked_ami("ami-0newest"), baked_ami("ami-0older")])
     assert launch_template(run)["imageId"] == "ami-0newest"
     assert [t for t, _ in run.calls] == ["aws:ec2/getAmiIds:getAmiIds"]
+
+
+@pytest.mark.parametrize(
+    "amis, picked",
+    [
+        ([baked_ami("ami-0volta", modules="proprietary"), baked_ami("ami-0ampere")], "ami-0ampere"),
+        ([baked_ami("ami-0volta", modules="proprietary"), baked_ami("ami-0noble", os_name="ubuntu-24.04")], DLAMI_ID),
+    ],
+)
+def test_baked_image_of_another_driver_flavour_is_not_picked(amis, picked):
+    """g5 (A10G) needs open kernel modules and the cu130 stack: an image baked for proprietary-module GPUs
+    (V100/P100/P4, cu126) is not a candidate, however new."""
+    run = run_program(aws_config(), baked_amis=amis)
+    assert launch_template(run)["imageId"] == picked
+    filters = {f["name"]: f["values"] for f in dict(run.calls)["aws:ec2/getAmiIds:getAmiIds"]["filters"]}
+    assert filters["tag:gpuforge:driver-modules"] == ["open"]
 
 
 def test_image_override_skips_lookups():

@@ -189,10 +189,12 @@ def image_of(run: ProgramRun) -> str:
     return instances(run)[0].inputs["bootDisk"]["initializeParams"]["image"]
 
 
-def baked(name: str, created: str) -> dict:
+def baked(name: str, created: str, modules: str = "open", os_label: str = "ubuntu-2204") -> dict:
+    """An image as images/gcp.py labels it."""
+    labels = {"gpuforge-baked": "true", "gpuforge-os": os_label, "gpuforge-driver-modules": modules}
     return {
         "name": name, "selfLink": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/global/images/{name}",
-        "creationTimestamp": created, "family": "gpuforge-ubuntu-2204", "labels": {"gpuforge-baked": "true"},
+        "creationTimestamp": created, "family": "gpuforge-ubuntu-2204", "labels": labels,
         "archiveSizeBytes": 0, "description": "", "diskSizeGb": 200, "imageId": 1, "sourceDisk": "",
         "sourceDiskId": "", "sourceImageId": "",
     }
@@ -207,7 +209,8 @@ def test_without_a_baked_image_a_deep_learning_vm_family_is_used(os_name, family
     assert image_of(run) == f"projects/deeplearning-platform-release/global/images/family/{family}"
     ((token, args),) = run.calls
     assert token == "gcp:compute/getImages:getImages" and args["project"] == PROJECT
-    assert args["filter"] == f"labels.gpuforge-baked=true AND labels.gpuforge-os={os_name.replace('.', '')}"
+    assert args["filter"] == (f"labels.gpuforge-baked=true AND labels.gpuforge-os={os_name.replace('.', '')} "
+                              "AND labels.gpuforge-driver-modules=open")  # a2: A100s run the open modules
 
 
 def test_newest_baked_image_wins_by_creation_time():
@@ -219,6 +222,22 @@ def test_newest_baked_image_wins_by_creation_time():
     run = run_program(gcp_config(nodes="1"), gcp_images=images)
     assert image_of(run).endswith("/global/images/gpuforge-new")
     assert run.cluster.extra["image"].endswith("gpuforge-new")
+
+
+@pytest.mark.parametrize(
+    "overrides, picked",
+    [
+        ({"instanceType": "n1-standard-8", "accelerator": "nvidia-tesla-v100:1"}, "gpuforge-volta"),
+        ({}, "gpuforge-ampere"),  # a2-highgpu-8g
+        ({"os": "ubuntu-24.04"}, "family/common-cu128-ubuntu-2404-nvidia-570"),  # no baked image for noble
+    ],
+)
+def test_baked_image_follows_the_gpus_driver_flavour(overrides, picked):
+    """Proprietary-module GPUs (V100, cu126) and open-module ones (A100, cu130) never share a baked image."""
+    images = [baked("gpuforge-volta", "2026-10-30T10:00:00.000-07:00", modules="proprietary"),
+              baked("gpuforge-ampere", "2026-10-01T10:00:00.000-07:00")]
+    run = run_program(gcp_config(nodes="1", **overrides), gcp_images=images)
+    assert image_of(run).endswith("/" + picked)
 
 
 def test_image_override_skips_lookups():

@@ -1,4 +1,5 @@
-"""The version matrix: data consistency, GPU generations, torch builds, driver decisions, image families."""
+"""The version matrix: data consistency, GPU generations, torch builds, image families (driver decisions:
+test_drivers.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import pytest
 from provision.errors import MatrixError
 from provision.versions import (
     IMAGE_FAMILY_RE,
-    check_driver,
     gpu_family,
     image_family,
     load_matrix,
     matrix_markdown,
     matrix_table,
+    NodeDriver,
     min_driver_for_cuda,
     open_kernel_modules,
     parse_version,
@@ -105,30 +106,41 @@ def test_torch_cuda_version_for_legacy_gpus():
 
 
 @pytest.mark.parametrize(
-    "existing, packaging, decision",
+    "model, existing, index",
     [
-        ("", "", "upgrade"),  # no driver yet
-        ("580.167.08", "apt", "ok"),
-        ("580.167.08", "runfile", "ok"),  # a DLAMI/baked image with exactly our driver is left alone
-        ("550.90.07", "apt", "upgrade"),  # older apt driver: upgraded in place
-        ("580.173.02", "apt", "upgrade"),  # same branch, other build: apt moves to the pin
+        ("NVIDIA A10G", NodeDriver("570.172.08", "runfile", "open"), "cu126"),  # a DLAMI's R570 is kept
+        ("NVIDIA A10G", "570.172.08", "cu126"),  # a bare version: a driver apt does not manage
+        ("NVIDIA A10G", NodeDriver("570.172.08", "apt", "open"), "cu130"),  # apt upgrades it to R580
+        ("NVIDIA A10G", NodeDriver("580.95.05", "runfile", "open"), "cu130"),
+        ("Tesla V100-SXM2-16GB", NodeDriver("580.95.05", "runfile", "proprietary"), "cu126"),
     ],
 )
-def test_check_driver_decisions(existing, packaging, decision):
-    assert check_driver(existing, version_set("ubuntu-22.04"), packaging) == decision
+def test_torch_requirement_follows_the_driver_the_node_keeps(model, existing, index):
+    assert torch_requirement("ubuntu-22.04", True, model, existing) == (
+        "torch==2.13.0", f"https://download.pytorch.org/whl/{index}")
 
 
 @pytest.mark.parametrize(
-    "existing, packaging, message",
-    [
-        ("570.172.08", "runfile", r"570\.172\.08 was installed with NVIDIA's \.run installer.*nvidia-uninstall"),
-        ("570.172.08", "", r"no apt package provides it"),
-        ("590.48.01", "apt", r"newer branch than the tested R580"),
-    ],
+    "model, builds",
+    [("A100", ["cu130", "cu126"]), ("T4", ["cu130", "cu126"]), ("V100", ["cu126"]), ("P4", ["cu126"]),
+     ("B200", ["cu130"]), ("", ["cu130", "cu126"])],
 )
-def test_check_driver_refuses_what_it_cannot_replace(existing, packaging, message):
-    with pytest.raises(MatrixError, match=message):
-        check_driver(existing, version_set("ubuntu-22.04"), packaging)
+def test_torch_builds_carry_kernels_for_the_gpu(model, builds):
+    assert version_set("ubuntu-22.04").torch_builds(model) == builds
+
+
+def test_the_cu126_build_brings_its_own_cuda_stack():
+    vs = version_set("ubuntu-24.04").for_torch_build("cu126")
+    assert (vs.cuda, vs.cuda_toolkit, vs.torch_cuda) == ("12.6", "12.6.3", "cu126")
+    assert vs.nccl_deb_version == "2.23.4-1+cuda12.6"
+    assert vs.cuda_toolkit_package == "cuda-toolkit-12-6" and vs.torch_index_url("A100").endswith("/cu126")
+    assert vs.driver_version == "580.167.08"  # the driver is not part of the torch build
+
+
+def test_a_kept_driver_carries_fabric_manager_with_it():
+    vs = version_set("ubuntu-22.04").with_driver("595.91.07")
+    assert (vs.driver_branch, vs.driver_version, vs.fabric_manager) == ("595", "595.91.07", "595.91.07")
+    assert vs.fabric_manager_package == "nvidia-fabricmanager-595"
 
 
 @pytest.mark.parametrize(
@@ -155,6 +167,8 @@ def test_matrix_table_has_a_row_per_os_for_the_readme():
         ({"driver_version": "570.172.08", "fabric_manager": "570.172.08"}, "not on branch 580"),
         ({"driver_branch": "575", "driver_version": "575.57.08", "fabric_manager": "575.57.08"}, "older than CUDA 13.0 needs"),
         ({"torch_cuda": "cu128"}, "does not match CUDA 13.0"),
+        ({"cuda_toolkit_legacy": "13.0.2"}, "cuda_toolkit_legacy 13.0.2 is not a CUDA 12.6 release"),
+        ({"torch_cuda_legacy": "cu118"}, "torch build cu118 is not one of cu126, cu130"),
     ],
 )
 def test_inconsistent_rows_are_refused_where_declared(change, message):
