@@ -140,8 +140,9 @@ def image_metadata(spec: BakeSpec, fingerprint: str) -> dict[str, str]:
     from provision.versions import open_kernel_modules, version_set
     from provision.wheel import project_root
 
-    vs = version_set(spec.os_name)
     gpu_model, _ = spec.gpus
+    base = version_set(spec.os_name)
+    vs = base.for_torch_build(base.torch_cuda_tag(gpu_model))  # Volta and older get the cu126 stack
     project = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]
     return {
         "baked": "true",

@@ -13,7 +13,7 @@ Choices made here, and why:
   module flavour it was baked for (tags/labels `gpu`, `driver-modules`).
 - The base image is plain Ubuntu from Canonical (AWS: Canonical's SSM parameter; GCP: the
   ubuntu-os-cloud family), not a Deep Learning AMI/VM: those ship NVIDIA's .run driver, which the
-  driver step refuses to replace (provision/versions.py check_driver). `base_image` overrides it.
+  driver step keeps only when it runs a torch build of the matrix (provision/drivers.py). `base_image` overrides it.
 - SSH to the builder comes only from `ssh_cidrs`, which is required: the controller's public address
   cannot be known offline, so the caller passes it (`fab bake` takes the stack's gpuforge:sshCidrs).
   On AWS an existing `security_group_id` may stand in for it (its rules decide).
@@ -184,7 +184,8 @@ class BakeSpec:
         if not self.ssh_cidrs and not self.security_group_id:
             raise BakeSpecError(
                 "ssh_cidrs is empty: the controller must reach the builder over SSH, and its public address "
-                "cannot be guessed; pass e.g. ssh_cidrs=('203.0.113.4/32',) (your address as seen from the internet)"
+                "cannot be guessed; give your address as the internet sees it: `fab bake --ssh-cidr 203.0.113.4/32` "
+                "(ssh_cidrs=('203.0.113.4/32',) in Python)"
             )
         if any(c in WORLD for c in self.ssh_cidrs):
             logger.warning("ssh_cidrs %s opens the builder's SSH to the whole internet for the bake", self.ssh_cidrs)
@@ -195,7 +196,7 @@ class BakeSpec:
         """GCE image family, and the `family` tag of AMIs: one per OS, CUDA and torch release."""
         from provision.versions import image_family
 
-        return image_family(self.os_name)
+        return image_family(self.os_name, self.gpus[0])
 
     @property
     def gpus(self) -> tuple[str, int]:

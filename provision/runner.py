@@ -214,7 +214,8 @@ class Runner:
             clear_marker(conn, ctx, step)  # a half-applied step must not look done if this run dies
         elif has_own_check(step) and step.check(conn, ctx):
             write_marker(conn, ctx, step, fingerprint)  # right already: a Deep Learning AMI's driver, a baked image
-            return StepReport(step.name, UNCHANGED, "already in place on this node", time.monotonic() - started)
+            note = step.existing_note(ctx) or "already in place on this node"
+            return StepReport(step.name, UNCHANGED, note, time.monotonic() - started)
         step.apply(conn, ctx)
         write_marker(conn, ctx, step, fingerprint)
         return StepReport(step.name, CHANGED, step.description, time.monotonic() - started)

@@ -37,19 +37,20 @@ CLUSTER_HELP = "cluster name, hosts .yaml, stack output .json or pulumi:STACK (d
             "project": "GCP project", "hosts": "register machines you already have (a hosts .yaml)",
             "yes": "skip the cost confirmation"},
       iterable=["ssh_cidr"])
-def up(c, nodes=0, name="", cloud="", instance_type="", accelerator="", region="", zone="", spot=False, disk_gb=0,
+def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region="", zone="", spot=False, disk_gb=0,
        os="", ssh_cidr=None, project="", hosts="", yes=False):
     """Create a cluster (local, aws, gcp) or register existing machines, and select it."""
     from provision.clusters import create_cloud_cluster, create_local, register_hosts
 
     home = inventory.home_dir()
     with cli.user_errors():
+        count = parse_nodes(nodes)
         if hosts:
             cluster = register_hosts(home, Path(hosts))
         elif not cloud or cloud == "local":
-            cluster = create_local(home, name or "local", nodes or 2)
+            cluster = create_local(home, name or "local", count or 2)
         else:
-            cluster = create_cloud_cluster(home, cloud=cloud, name=name, nodes=nodes or 1, instance_type=instance_type,
+            cluster = create_cloud_cluster(home, cloud=cloud, name=name, nodes=count or 1, instance_type=instance_type,
                                            accelerator=accelerator, region=region, zone=zone, spot=spot, disk_gb=disk_gb,
                                            os_name=os, ssh_cidrs=ssh_cidr or [], project=project, yes=yes)
         inventory.select(home, cluster.name)

@@ -338,10 +338,12 @@ class NodeDriver:
         return f"driver {self.version} ({how}{modules})"
 
 
-def image_family(os_name: str) -> str:
-    """GCP image family (and AWS AMI name prefix) for images baked from this row, e.g.
-    `gpuforge-ubuntu2204-cu130-torch213`."""
+def image_family(os_name: str, gpu_model: str = "") -> str:
+    """GCP image family (and AWS AMI name prefix) for images baked from this row for this GPU, e.g.
+    `gpuforge-ubuntu2204-cu130-torch213` (`-cu126-` for Volta and older, which CUDA 13 dropped)."""
     vs = version_set(os_name)
+    if gpu_model:
+        vs = vs.for_torch_build(vs.torch_cuda_tag(gpu_model))
     os_part = re.sub(r"[^a-z0-9]", "", os_name.lower())
     torch_part = "".join(str(p) for p in parse_version(vs.torch)[:2])
     family = f"gpuforge-{os_part}-cu{vs.cuda.replace('.', '')}-torch{torch_part}"

@@ -88,6 +88,10 @@ class Step:
         """Is the step's effect already in place on the node? Default: trust the marker alone."""
         return True
 
+    def existing_note(self, ctx: StepContext) -> str:
+        """What the node already had, when `check` found the step's work done without a marker."""
+        return ""
+
     def plan(self, ctx: StepContext) -> list[Cmd]:
         raise NotImplementedError(f"step {self.name} has no plan")
 
