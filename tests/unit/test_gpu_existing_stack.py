@@ -67,7 +67,7 @@ def test_p4d_dlami_keeps_driver_fabric_manager_cuda_and_efa_installer(tmp_path):
         "efa": CHANGED, "cuda-toolkit": UNCHANGED,  # efa: only ptrace and the NCCL environment file
     }
     assert results["nvidia-repo"].detail.startswith("nothing to install from NVIDIA's repository")
-    assert results["nvidia-driver"].detail == "already in place on this node"
+    assert results["nvidia-driver"].detail.startswith("already in place on this node: driver 595.91.07")
     sudo = [c for kind, c in conn.calls if kind == "sudo"]
     assert sudo == efa_writes and not any(w in c for c in sudo for w in ("apt-get", "curl", "efa_installer", "reboot"))
     probes = {probe_command(STEPS[n].probe_sections(ctx)) for n in live} | set(efa_verify)
