@@ -240,8 +240,9 @@ def test_placement_group_when_several_nodes_or_efa(instance_type, nodes, expecte
 
 
 def test_multi_interface_nodes_get_an_elastic_ip_on_the_primary_interface(p4d_pair):
-    eips = p4d_pair.of_type("ec2/eip:Eip")
-    instances = p4d_pair.of_type("ec2/instance:Instance")
+    # Pulumi registers resources concurrently: pair them by name (node index), not by registration order.
+    eips = sorted(p4d_pair.of_type("ec2/eip:Eip"), key=lambda r: r.name)
+    instances = sorted(p4d_pair.of_type("ec2/instance:Instance"), key=lambda r: r.name)
     assert [e.inputs["networkInterface"] for e in eips] == [i.outputs["primaryNetworkInterfaceId"] for i in instances]
     assert all(e.inputs["domain"] == "vpc" for e in eips)
     cluster = p4d_pair.cluster
