@@ -127,6 +127,19 @@ def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: s
     print(render_plan(all_steps(), ctx))
 
 
+def print_runs(records: list[dict[str, Any]]) -> None:
+    import time
+
+    table = Table(title="runs (newest first)")
+    for col in ("run", "what", "nodes", "started"):
+        table.add_column(col)
+    for r in records:
+        spec = r["spec"]
+        what = spec["job"] or spec["script"]
+        table.add_row(spec["run_id"], what, str(len(r["nodes"])), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])))
+    console().print(table)
+
+
 def print_status(status: Any) -> None:
     table = Table(title=f"run {status.run_id}: {status.state}")
     for col in ("node", "state", "step", "loss", "exit", "reason"):

@@ -79,6 +79,17 @@ def setup_cluster(cluster: ClusterInfo, home: Path, steps: list[Step] | None = N
     return reports
 
 
+def check_cluster_allreduce(cluster: ClusterInfo, home: Path, reports: list[NodeReport], force: bool = False):
+    """After every node passed: the cross-node all-reduce (always on GPU clusters, on CPU ones when
+    forced). Returns its result, or None when it does not apply."""
+    from provision.allreduce_check import run_allreduce
+
+    gpus = any(r.facts is not None and r.facts.has_gpu for r in reports)
+    if not (gpus or force) or any(not r.ok for r in reports):
+        return None
+    return run_allreduce(cluster, list(cluster.nodes), gpus, step_options(cluster, home))
+
+
 def log_dir(cluster: ClusterInfo, home: Path) -> Path:
     return Path(home).expanduser() / "clusters" / cluster.name / "logs"
 

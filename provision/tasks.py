@@ -89,10 +89,11 @@ def clusters(c):
 @task(help={"cluster": CLUSTER_HELP, "dry_run": "print the plan per node, change nothing",
             "instance_type": "with --dry-run and no cluster: the plan for a fresh VM of this type",
             "os": "with --instance-type: ubuntu-22.04 or ubuntu-24.04", "cloud": "with --instance-type: aws or gcp",
-            "accelerator": "with --instance-type on GCP n1: e.g. nvidia-tesla-t4:1"})
-def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator=""):
+            "accelerator": "with --instance-type on GCP n1: e.g. nvidia-tesla-t4:1",
+            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)"})
+def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False):
     """Configure every node: driver, CUDA, NCCL, EFA, Python env, our code, verify (idempotent)."""
-    from provision.setup import setup_cluster
+    from provision.setup import check_cluster_allreduce, setup_cluster
 
     home = inventory.home_dir()
     with cli.user_errors():
@@ -106,6 +107,11 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
         report.print_setup(chosen, reports, dry_run, time.monotonic() - started)
         if any(not r.ok for r in reports):
             raise Exit(code=1)
+        if not dry_run:
+            result = check_cluster_allreduce(chosen, home, reports, force=allreduce)
+            if result is not None:
+                print(result.table)
+                cli.console().print(f"cluster [bold]{chosen.name}[/] is ready: all-reduce passed across {len(chosen.nodes)} node(s)")
 
 
 @task(help={"job": "a job from `python -m workloads.train --list`", "script": "your own training script",
@@ -160,12 +166,15 @@ def follow_and_report(cluster, home, run_id) -> int:
 @task(help={"run": "run id (default: the newest)", "cluster": CLUSTER_HELP})
 def status(c, run=None, cluster=None):
     """Show a run's state per node: alive, finished or failed, last step and loss."""
-    from workloads.launch import run_status
+    from workloads.launch import list_runs, run_status
 
     home = inventory.home_dir()
     with cli.user_errors():
         chosen = inventory.resolve(home, cluster)
-        report.print_status(run_status(chosen, home, run))
+        status = run_status(chosen, home, run)
+        if run is None:
+            report.print_runs(list_runs(home, chosen))
+        report.print_status(status)
 
 
 @task(help={"run": "run id (default: the newest)", "node": "one node (rank or name)", "tail": "last N lines only",

@@ -222,6 +222,13 @@ def load_record(home: Path, cluster: ClusterInfo, run_id: str | None) -> dict[st
     return json.loads(path.read_text())
 
 
+def list_runs(home: Path, cluster: ClusterInfo, limit: int = 10) -> list[dict[str, Any]]:
+    """The cluster's newest run records, newest first."""
+    folder = runs_dir(home, cluster)
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.exists() else []
+    return [json.loads(p.read_text()) for p in paths[:limit]]
+
+
 def record_nodes(cluster: ClusterInfo, record: dict[str, Any]) -> list[NodeInfo]:
     return [cluster.node(name) for name in record["nodes"]]
 

@@ -292,3 +292,15 @@ def test_fab_exec_prefixes_output_by_node(cluster, home):
     res = fab(home, "exec", "--", "echo", "hello from $GPUFORGE_NODE_DIR | wc -c")
     assert res.returncode == 0, res.stderr
     assert [line.split("]")[0] for line in res.stdout.splitlines()] == ["[node-0", "[node-1"]
+
+
+def test_the_cross_node_allreduce_check_runs_on_every_node(cluster, home):
+    from provision.setup import check_cluster_allreduce
+
+    c, reports = cluster
+    assert check_cluster_allreduce(c, home, reports) is None  # CPU cluster: only when asked
+    result = check_cluster_allreduce(c, home, reports, force=True)
+    assert result.backend == "gloo" and result.world_size == 2
+    assert [row["size"] for row in result.rows] == ["64K", "1M"]
+    assert all(row["busbw_gbps"] > 0 for row in result.rows)
+    assert "busbw" in result.table
