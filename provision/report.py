@@ -86,10 +86,10 @@ def print_setup(cluster: ClusterInfo, reports: list[NodeReport], dry_run: bool, 
     for r in reports:
         facts = r.facts.summary() if r.facts else "facts unknown"
         out.print(f"[bold]{r.node}[/] ({r.address}): {facts}")
-        for s in r.steps:
-            detail = f" - {s.detail}" if s.detail and s.status != CHANGED else ""
-            out.print(f"  [{STYLE[s.status]}]{s.status:9}[/] {s.step}{detail}"
-                      + (f" ({s.seconds:.1f} s)" if s.status == CHANGED else ""))
+        for status, names, detail, seconds in grouped_steps(r.steps):
+            shown = names[0] if len(names) == 1 else f"{len(names)} steps ({', '.join(names)})"
+            note = f" - {detail}" if detail and status != CHANGED else ""
+            out.print(f"  [{STYLE[status]}]{status:9}[/] {shown}{note}" + (f" ({seconds:.1f} s)" if status == CHANGED else ""))
         for step, cmds in r.plan:
             out.print(f"  [cyan]plan[/] {step}:")
             for cmd in cmds:
@@ -106,6 +106,17 @@ def print_setup(cluster: ClusterInfo, reports: list[NodeReport], dry_run: bool, 
     if not dry_run:
         summary += f"; {changed} step(s) changed" if changed else "; nothing changed"
     out.print(summary + (f"; logs in {Path(cluster.state_dir) / 'logs'}" if not dry_run else ""))
+
+
+def grouped_steps(steps: list[Any]) -> list[tuple[str, list[str], str, float]]:
+    """Consecutive steps skipped for the same reason (the GPU steps on a CPU node) become one line."""
+    groups: list[tuple[str, list[str], str, float]] = []
+    for s in steps:
+        if groups and s.status == SKIPPED and groups[-1][0] == SKIPPED and groups[-1][2] == s.detail:
+            groups[-1][1].append(s.step)
+        else:
+            groups.append((s.status, [s.step], s.detail, s.seconds))
+    return groups
 
 
 def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: str) -> None:
