@@ -35,7 +35,7 @@ integration: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q tests/integration
 
 bench: $(STAMP) sysdeps
-	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

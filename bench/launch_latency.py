@@ -18,12 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from infra.local import create_local_cluster, destroy_local_cluster  # noqa: E402
-from provision.setup import setup_cluster  # noqa: E402
-from workloads.launch import RunSpec, cancel_run, start_run  # noqa: E402
+from _common import ROOT, local_cluster, timed_setup
+from workloads.launch import RunSpec, cancel_run, start_run
 
 ARGS = ["width=0.25", "max_steps=100000", "log_every=1", "tensorboard=false", "export=none", "quantize=false"]
 
@@ -68,16 +64,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpuforge-bench-") as tmp:
         home = Path(tmp)
-        cluster = create_local_cluster("latency", 2, home)
-        try:
-            if not all(r.ok for r in setup_cluster(cluster, home)):
-                raise SystemExit("setup failed")
+        with local_cluster("latency", 2, home) as cluster:
+            timed_setup(cluster, home)
             a, b = [], []
             for i in range(args.rounds):
                 a.append(ours(cluster, home, i))
                 b.append(bare(home, i))
-        finally:
-            destroy_local_cluster(Path(cluster.state_dir))
     x, y = statistics.median(a), statistics.median(b)
     print(f"to the first training step, 2 nodes, {args.rounds} rounds (medians): fab train {x:.2f} s, bare torchrun {y:.2f} s")
     print(f"ratio: {x / y:.2f}")

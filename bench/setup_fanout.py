@@ -10,34 +10,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infra.local import create_local_cluster, destroy_local_cluster  # noqa: E402
-from provision.setup import setup_cluster  # noqa: E402
-from provision.wheel import build_wheel  # noqa: E402
-
-
-def timed(cluster, home: Path) -> float:
-    started = time.perf_counter()
-    reports = setup_cluster(cluster, home)
-    elapsed = time.perf_counter() - started
-    if not all(r.ok for r in reports):
-        raise SystemExit(f"setup failed: {[r.error for r in reports if not r.ok]}")
-    return elapsed
+from _common import local_cluster, timed_setup
+from provision.wheel import build_wheel
 
 
 def first_and_rerun(nodes: int, home: Path, name: str) -> tuple[float, float]:
     """The first setup (CPU-bound on a shared machine) and a re-run (SSH-latency-bound)."""
-    cluster = create_local_cluster(name, nodes, home)
-    try:
-        return timed(cluster, home), statistics.median(timed(cluster, home) for _ in range(3))
-    finally:
-        destroy_local_cluster(Path(cluster.state_dir))
+    with local_cluster(name, nodes, home) as cluster:
+        return timed_setup(cluster, home), statistics.median(timed_setup(cluster, home) for _ in range(3))
 
 
 def main() -> None:

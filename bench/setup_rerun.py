@@ -9,25 +9,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infra.local import create_local_cluster, destroy_local_cluster  # noqa: E402
-from provision.setup import setup_cluster  # noqa: E402
-
-
-def timed_setup(cluster, home) -> float:
-    started = time.perf_counter()
-    reports = setup_cluster(cluster, home)
-    elapsed = time.perf_counter() - started
-    bad = [r.error for r in reports if not r.ok]
-    if bad:
-        raise SystemExit(f"setup failed: {bad}")
-    return elapsed
+from _common import local_cluster, timed_setup
 
 
 def main() -> None:
@@ -38,12 +23,9 @@ def main() -> None:
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="gpuforge-bench-") as tmp:
             home = Path(tmp)  # a fresh home: the first run also builds the wheel, as a user's first setup does
-            cluster = create_local_cluster(f"bench{i}", 2, home)
-            try:
+            with local_cluster(f"bench{i}", 2, home) as cluster:
                 firsts.append(timed_setup(cluster, home))
                 reruns.append(timed_setup(cluster, home))
-            finally:
-                destroy_local_cluster(Path(cluster.state_dir))
     first, rerun = statistics.median(firsts), statistics.median(reruns)
     print(f"2-node local cluster, {args.rounds} rounds (medians)")
     print(f"first setup: {first:.2f} s")
