@@ -11,7 +11,6 @@ import socket
 import pytest
 
 from tests.fakes.gcs import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
-from workloads import storage
 from workloads.errors import StorageError, StorageNotFound
 from workloads.storage import list_url, open_store, read_url
 
@@ -54,7 +53,7 @@ def test_list_delete_and_delete_prefix(gcs_bucket):
 
 
 def test_large_upload_goes_in_resumable_chunks_and_round_trips(gcs_bucket, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(storage, "GCS_CHUNK_SIZE", 4 << 20)
+    monkeypatch.setattr("workloads.storage.gcs.GCS_CHUNK_SIZE", 4 << 20)
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(20 << 20))
     store = open_store(f"gs://{gcs_bucket.name}/models")
@@ -81,7 +80,7 @@ def test_check_access_on_missing_bucket_says_so(gcs_bucket):
 
 
 def test_check_access_on_unreachable_endpoint_is_quick_and_clear(gcs_bucket, monkeypatch):
-    monkeypatch.setattr(storage, "PROBE_DEADLINE_S", 0.5)  # the retry budget, so the test stays fast
+    monkeypatch.setattr("workloads.storage.gcs.PROBE_DEADLINE_S", 0.5)  # the retry budget, so the test stays fast
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.s3 import moto_server, s3_bucket, seed_objects  # noqa: F401  (fixtures)
-from workloads import storage
 from workloads.errors import StorageError, StorageNotFound
 from workloads.storage import list_url, open_store, read_url
 
@@ -65,8 +64,8 @@ def test_list_and_delete_prefix_page_past_1000_keys(s3_bucket):
 
 
 def test_large_upload_is_multipart_and_round_trips(s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "S3_MULTIPART_THRESHOLD", 5 << 20)
-    monkeypatch.setattr(storage, "S3_MULTIPART_CHUNKSIZE", 5 << 20)  # the S3 minimum part size
+    monkeypatch.setattr("workloads.storage.s3.S3_MULTIPART_THRESHOLD", 5 << 20)
+    monkeypatch.setattr("workloads.storage.s3.S3_MULTIPART_CHUNKSIZE", 5 << 20)  # the S3 minimum part size
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(20 << 20))
     store = open_store(f"s3://{s3_bucket.name}/models")
@@ -82,8 +81,8 @@ def test_large_upload_is_multipart_and_round_trips(s3_bucket, tmp_path, monkeypa
 def test_failed_multipart_upload_keeps_the_old_object(s3_bucket, tmp_path, monkeypatch):
     from botocore.exceptions import ClientError
 
-    monkeypatch.setattr(storage, "S3_MULTIPART_THRESHOLD", 5 << 20)
-    monkeypatch.setattr(storage, "S3_MULTIPART_CHUNKSIZE", 5 << 20)
+    monkeypatch.setattr("workloads.storage.s3.S3_MULTIPART_THRESHOLD", 5 << 20)
+    monkeypatch.setattr("workloads.storage.s3.S3_MULTIPART_CHUNKSIZE", 5 << 20)
     store = open_store(f"s3://{s3_bucket.name}")
     store.write_bytes("ckpt.pt", b"old")
     source = tmp_path / "big.bin"

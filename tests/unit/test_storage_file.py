@@ -151,7 +151,7 @@ def test_delete_and_delete_prefix(tmp_path):
 
 
 def test_upload_and_download_stream_through_temps(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "COPY_CHUNK_BYTES", 4096)
+    monkeypatch.setattr("workloads.storage.base.COPY_CHUNK_BYTES", 4096)
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
     store = open_store(str(tmp_path / "store"))
