@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from provision.errors import ProvisionError
@@ -70,12 +71,20 @@ def build_wheel(home: Path, fingerprint: str | None = None) -> Path:
     if existing:
         return existing[-1]
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(root)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-    if result.returncode != 0:
-        raise ProvisionError(f"building the gpuforge wheel failed: {' '.join(cmd)}\n{result.stderr[-2000:]}")
-    for wheel in tmp.glob("gpuforge-*.whl"):
-        wheel.rename(out / wheel.name)
-    tmp.rmdir()
+    with tempfile.TemporaryDirectory(prefix="gpuforge-wheel-") as scratch:
+        # Build from a copy of exactly the fingerprinted files: a stale build/ in the checkout
+        # (setuptools reuses it) must never put deleted modules into the wheel.
+        source = Path(scratch) / "src"
+        for path in [*source_files(root), root / "README.md"]:
+            if path.exists():
+                target = source / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        built = Path(scratch) / "dist"
+        cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(built), str(source)]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=scratch)
+        if result.returncode != 0:
+            raise ProvisionError(f"building the gpuforge wheel failed: {' '.join(cmd)}\n{result.stderr[-2000:]}")
+        for wheel in built.glob("gpuforge-*.whl"):
+            shutil.move(str(wheel), out / wheel.name)
     return sorted(out.glob("gpuforge-*.whl"))[-1]
