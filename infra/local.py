@@ -246,16 +246,32 @@ def pid_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status  # a zombie is dead; its parent reaps it
 
 
+def recorded_sshd_pids(state: Path) -> list[int]:
+    """The PIDs our sshd daemons wrote to their PidFile, kept only when that process still runs
+    with our node's config (a PID the kernel reused for something else is never touched)."""
+    pids = []
+    for pid_file in sorted(state.glob("nodes/node-*/sshd.pid")):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if str(pid_file.parent / "sshd_config") in cmd:
+            pids.append(pid)
+    return pids
+
+
 def stop_processes(state: Path) -> int:
-    """Kill every process of this cluster (jobs first, then sshd); returns how many there were."""
+    """Kill every process of this cluster: jobs first, then the sshd daemons by their recorded PIDs,
+    then anything left that references the state dir; returns how many there were."""
     procs = our_processes(state)
-    jobs = [pid for pid, cmd in procs if not is_sshd(cmd)]
-    daemons = [pid for pid, _ in procs if pid not in jobs]
+    daemons = set(recorded_sshd_pids(state))
+    jobs = [pid for pid, cmd in procs if not is_sshd(cmd) and pid not in daemons]
     kill_pids(jobs)
-    kill_pids(daemons)
-    leftover = our_processes(state)  # a job may have forked while we were killing its parent
+    kill_pids(sorted(daemons))
+    leftover = our_processes(state)  # sessions of killed daemons, or a job that forked while we killed its parent
     kill_pids([pid for pid, _ in leftover])
-    return len(procs)
+    return len({pid for pid, _ in procs} | daemons)
 
 
 def destroy_local_cluster(state: Path) -> str:

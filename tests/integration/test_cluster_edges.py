@@ -152,3 +152,17 @@ def test_fab_up_validates_before_any_cloud_call(tmp_path, args, message):
     assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "clusters").exists() or not list((tmp_path / "clusters").glob("*/cluster.json"))
+
+
+def test_down_never_touches_a_process_it_did_not_start(tmp_path):
+    cluster = create_local_cluster("strangers", 1, tmp_path)
+    stranger = subprocess.Popen(["sleep", "60"])  # e.g. a PID the kernel handed out again after sshd died
+    try:
+        (Path(cluster.node(0).workdir) / "sshd.pid").write_text(f"{stranger.pid}\n")
+        destroy_local_cluster(Path(cluster.state_dir))
+        assert stranger.poll() is None, "a process gpuforge did not start was killed"
+        assert not our_processes(Path(cluster.state_dir))
+        destroy_local_cluster(Path(cluster.state_dir))  # idempotent
+    finally:
+        stranger.kill()
+        stranger.wait()
