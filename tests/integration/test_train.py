@@ -137,3 +137,15 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, args, mess
     assert message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not list((tmp_path).glob("s/runs/*"))
+
+
+def test_torch_compile_trains_the_same_model(tmp_path):
+    args = ["--job", "convnet-digits", "--storage", str(tmp_path), *TINY_CONVNET, "max_steps=3", "export=none",
+            "quantize=false", "augment=false"]
+    eager = run(train_cmd(*args, "--run-id", "eager"))
+    compiled = run(train_cmd(*args, "--run-id", "compiled", "compile=true"), timeout=300)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    a, b = read_summary(tmp_path, "eager"), read_summary(tmp_path, "compiled")
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-3
+    assert set(torch.load(tmp_path / "runs/compiled/model.pth", weights_only=True)) == set(
+        torch.load(tmp_path / "runs/eager/model.pth", weights_only=True)), "state dict keys must not carry _orig_mod"
