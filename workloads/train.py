@@ -53,7 +53,7 @@ def storage_url(raw: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value may come before or after options
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     logging.getLogger("workloads").setLevel(logging.DEBUG if args.debug else logging.INFO)
     from workloads.errors import WorkloadError
