@@ -65,8 +65,9 @@ GATHER_COMMAND = "; ".join(
         f"echo '{SECTION}nvidia-smi-rc'; echo $gf_rc",
         f"echo '{SECTION}nvidia-version'; cat /proc/driver/nvidia/version 2>/dev/null",
         f"echo '{SECTION}lspci'; lspci -nn 2>/dev/null | grep -Ei '\\[(10de|1d0f):'",
+        # `read` is a shell builtin: no process per file (a VM has dozens of PCI devices)
         f"echo '{SECTION}pci'; for d in /sys/bus/pci/devices/*; do"
-        ' echo "${d##*/} $(cat $d/class) $(cat $d/vendor) $(cat $d/device)"; done 2>/dev/null'
+        ' read c < $d/class; read v < $d/vendor; read i < $d/device; echo "${d##*/} $c $v $i"; done 2>/dev/null'
         " | grep -Ei ' 0x(10de|1d0f) '",
         f"echo '{SECTION}cuda'; " + CUDA_VERSION_JSON.format(path="/usr/local/cuda/version.json"),
         f"echo '{SECTION}cuda-toolkits'; {CUDA_TOOLKITS_PROBE}",
