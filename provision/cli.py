@@ -20,6 +20,7 @@ OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 REMAINDER: list[str] = []
 OVERRIDES: list[str] = []
 OVERRIDE_TASKS = ("train",)
+REMAINDER_TASKS = ("exec", "train")
 
 
 def adopt_fab_argv() -> None:
@@ -30,10 +31,10 @@ def adopt_fab_argv() -> None:
     if core is None:
         return
     argv = sys.argv[1:]
-    if "--" in argv:
-        REMAINDER[:] = argv[argv.index("--") + 1 :]
-        core.remainder = ""  # handled by our tasks, not Fabric's host runner
     unparsed = core.unparsed
+    if "--" in argv and unparsed and unparsed[0] in REMAINDER_TASKS:
+        REMAINDER[:] = argv[argv.index("--") + 1 :]
+        core.remainder = ""  # handled by our task, not by Fabric's `fab -H host -- cmd` runner
     if not unparsed or unparsed[0] not in OVERRIDE_TASKS:
         return
     kept = [unparsed[0]]

@@ -1,0 +1,42 @@
+"""`fab` argv conveniences: bare key=value words and the words after `--` reach our tasks."""
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from provision import cli
+
+
+@pytest.fixture
+def program(monkeypatch):
+    core = SimpleNamespace(unparsed=[], remainder="")
+    monkeypatch.setitem(sys.modules, "fabric.main", SimpleNamespace(program=SimpleNamespace(core=core)))
+    monkeypatch.setattr(cli, "REMAINDER", [])
+    monkeypatch.setattr(cli, "OVERRIDES", [])
+    return core
+
+
+def adopt(monkeypatch, program, argv, unparsed, remainder=""):
+    monkeypatch.setattr(sys, "argv", ["fab", *argv])
+    program.unparsed[:] = unparsed
+    program.remainder = remainder
+    cli.adopt_fab_argv()
+
+
+def test_bare_overrides_after_train_become_its_overrides(monkeypatch, program):
+    words = ["train", "--job", "convnet-digits", "lr=0.1", "--nodes", "2", "max_steps=5", "--set", "seed=3"]
+    adopt(monkeypatch, program, words, list(words))
+    assert cli.OVERRIDES == ["lr=0.1", "max_steps=5"]
+    assert program.unparsed == ["train", "--job", "convnet-digits", "--nodes", "2", "--set", "seed=3"]
+
+
+def test_words_after_double_dash_go_to_exec_with_their_spaces(monkeypatch, program):
+    adopt(monkeypatch, program, ["exec", "--", "echo", "a b", "|", "wc"], ["exec"], remainder="echo a b | wc")
+    assert cli.REMAINDER == ["echo", "a b", "|", "wc"] and program.remainder == ""
+    assert cli.remainder_command() == "echo a b | wc"
+
+
+def test_fabrics_own_host_remainder_is_left_alone(monkeypatch, program):
+    adopt(monkeypatch, program, ["-H", "box", "--", "uptime"], [], remainder="uptime")
+    assert program.remainder == "uptime" and cli.REMAINDER == []
