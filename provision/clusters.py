@@ -92,7 +92,8 @@ def destroy(home: Path, ref: str | None, purge: bool = False, yes: bool = False)
 
 
 def stop_host_runs(home: Path, cluster: ClusterInfo, console) -> None:
-    from workloads.launch import cancel_run, runs_dir
+    from workloads.launch import cancel_run
+    from workloads.runs import runs_dir
 
     for record in sorted(runs_dir(home, cluster).glob("*.json")):
         for line in cancel_run(cluster, home, record.stem):

@@ -166,7 +166,8 @@ def follow_and_report(cluster, home, run_id) -> int:
 @task(help={"run": "run id (default: the newest)", "cluster": CLUSTER_HELP})
 def status(c, run=None, cluster=None):
     """Show a run's state per node: alive, finished or failed, last step and loss."""
-    from workloads.launch import list_runs, run_status
+    from workloads.launch import run_status
+    from workloads.runs import list_runs
 
     home = inventory.home_dir()
     with cli.user_errors():

@@ -1,6 +1,6 @@
 """The node supervisor's pure parts: the NCCL env file and failure classification."""
 
-from workloads.launch import NodeStatus, RunStatus
+from workloads.runs import NodeStatus, RunStatus
 from workloads.supervise import classify_failure, load_env_file
 
 TORCHRUN_SIGKILL = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
