@@ -21,6 +21,8 @@ REMAINDER: list[str] = []
 OVERRIDES: list[str] = []
 OVERRIDE_TASKS = ("train",)
 REMAINDER_TASKS = ("exec", "train")
+RUN_TASKS = ("fetch", "status", "logs", "cancel")
+TASK_NAMES = {"up", "down", "use", "clusters", "setup", "train", "status", "logs", "cancel", "fetch", "exec", "bake", "doctor"}
 
 
 def adopt_fab_argv() -> None:
@@ -35,6 +37,8 @@ def adopt_fab_argv() -> None:
     if "--" in argv and unparsed and unparsed[0] in REMAINDER_TASKS:
         REMAINDER[:] = argv[argv.index("--") + 1 :]
         core.remainder = ""  # handled by our task, not by Fabric's `fab -H host -- cmd` runner
+    if unparsed and unparsed[0] in RUN_TASKS:
+        adopt_run_word(unparsed)
     if not unparsed or unparsed[0] not in OVERRIDE_TASKS:
         return
     kept = [unparsed[0]]
@@ -46,9 +50,19 @@ def adopt_fab_argv() -> None:
     unparsed[:] = kept
 
 
+def adopt_run_word(unparsed: list[str]) -> None:
+    """`fab fetch RUN` / `fab status RUN`: a bare word after the task is its run id (`--run RUN`)."""
+    for i in range(1, len(unparsed)):
+        word, before = unparsed[i], unparsed[i - 1]
+        if not word.startswith("-") and before not in VALUE_FLAGS and word not in TASK_NAMES and "--run" not in unparsed:
+            unparsed.insert(i, "--run")
+            return
+
+
 # train's flags that take a value: a `key=value` right after one of them is that flag's value
 VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r", "--cluster", "-c",
-               "--nproc-per-node", "--start-timeout", "--set", "--env", "--storage"}
+               "--nproc-per-node", "--start-timeout", "--set", "--env", "--storage", "--run", "--node", "--tail",
+               "--dest", "-d", "-t"}
 
 
 def remainder_command() -> str:
@@ -64,6 +78,7 @@ def debug_enabled() -> bool:
 def user_errors() -> Iterator[None]:
     """Our own errors become one line on stderr and exit status 1 (2 for bad input); tracebacks
     only with GPUFORGE_DEBUG=1."""
+    from images.errors import BakeError
     from infra.errors import InfraError
     from provision.errors import ProvisionError
     from workloads.errors import ConfigError, WorkloadError
@@ -74,7 +89,7 @@ def user_errors() -> Iterator[None]:
         if debug_enabled():
             raise
         raise Exit(f"error: {exc}", code=2) from None
-    except (InfraError, ProvisionError, WorkloadError) as exc:
+    except (InfraError, ProvisionError, WorkloadError, BakeError) as exc:
         if debug_enabled():
             raise
         raise Exit(f"error: {exc}", code=1) from None

@@ -40,3 +40,18 @@ def test_words_after_double_dash_go_to_exec_with_their_spaces(monkeypatch, progr
 def test_fabrics_own_host_remainder_is_left_alone(monkeypatch, program):
     adopt(monkeypatch, program, ["-H", "box", "--", "uptime"], [], remainder="uptime")
     assert program.remainder == "uptime" and cli.REMAINDER == []
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        (["fetch", "r1"], ["fetch", "--run", "r1"]),
+        (["fetch", "--dest", "out", "r1"], ["fetch", "--dest", "out", "--run", "r1"]),
+        (["logs", "--node", "1", "r2"], ["logs", "--node", "1", "--run", "r2"]),
+        (["status", "--run", "r3"], ["status", "--run", "r3"]),
+        (["status", "clusters"], ["status", "clusters"]),  # a task name stays a task
+    ],
+)
+def test_a_bare_run_id_after_fetch_status_logs_cancel(monkeypatch, program, words, expected):
+    adopt(monkeypatch, program, words, list(words))
+    assert program.unparsed == expected
