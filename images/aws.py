@@ -38,11 +38,10 @@ from images.common import (
 )
 from images.errors import BakeError, BakeSpecError
 from images.spec import BakeNames, BakeResult, BakeSpec
-from infra.cluster import ClusterInfo
+from infra.cluster import CLUSTER_TAG, ClusterInfo
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_TAG = "gpuforge:cluster"  # what infra/sweep.py finds leftovers by
 BUILDER_TAG = "gpuforge:builder"
 # EC2 waiters poll every 15 s by default (botocore waiter models); attempts bound each wait.
 WAIT_DELAY_S = 15

@@ -41,11 +41,10 @@ from images.common import (
 )
 from images.errors import BakeError, BakeSpecError
 from images.spec import GCP_DEFAULT_NETWORK, BakeNames, BakeResult, BakeSpec
-from infra.cluster import ClusterInfo
+from infra.cluster import CLUSTER_LABEL, ClusterInfo
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_LABEL = "gpuforge-cluster"  # what infra/sweep.py finds leftovers by (firewalls: by the name prefix)
 BUILDER_LABEL = "gpuforge-builder"
 BOOT_DISK_TYPE = "pd-balanced"  # as infra/gcp.py: supported by N1, G2, A2 and A3
 # How long each kind of operation may take (operations.wait itself returns within 2 min, so we loop).

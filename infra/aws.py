@@ -24,11 +24,11 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from infra.cluster import CLUSTER_TAG
 from infra.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_TAG = "gpuforge:cluster"  # the leftover sweep and cost reports select on this tag
 VPC_CIDR = "10.42.0.0/16"
 SUBNET_CIDR = "10.42.0.0/20"  # 4091 addresses: one per node (efa-only interfaces take no IP address)
 SSH_PORT = 22

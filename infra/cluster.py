@@ -15,6 +15,9 @@ from infra.errors import ClusterError
 
 CLOUDS = ("local", "aws", "gcp", "hosts")
 DEFAULT_WORKDIR = "/opt/gpuforge"  # where provisioning puts the venv, code and runs on a cloud node
+# Every cloud resource of a cluster carries its name here; the leftover sweep and cost reports select on it.
+CLUSTER_TAG = "gpuforge:cluster"  # AWS tag key
+CLUSTER_LABEL = "gpuforge-cluster"  # GCP label key (labels allow no ':')
 
 
 @dataclass(frozen=True)

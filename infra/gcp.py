@@ -27,11 +27,11 @@ from typing import Any
 import pulumi
 import pulumi_gcp as gcp
 
+from infra.cluster import CLUSTER_LABEL
 from infra.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_LABEL = "gpuforge-cluster"  # the leftover sweep and cost reports select on this label
 BAKED_LABEL = "gpuforge-baked"  # images/gcp.py labels the images it bakes with these three labels
 OS_LABEL = "gpuforge-os"
 MODULES_LABEL = "gpuforge-driver-modules"  # open | proprietary NVIDIA kernel modules (images/common.py)

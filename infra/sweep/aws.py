@@ -7,12 +7,13 @@ import logging
 import time
 from typing import Any, Callable, Iterator
 
+from infra.cluster import CLUSTER_TAG
 from infra.errors import SweepError
 from infra.sweep.common import Leftover, attempt
 
 logger = logging.getLogger(__name__)
 
-AWS_TAG_KEY = "gpuforge:cluster"  # put on every resource by infra/aws.py
+AWS_TAG_KEY = CLUSTER_TAG  # put on every resource by infra/aws.py
 AWS_LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]  # not terminated
 AWS_TERMINATE_WAIT = {"Delay": 5, "MaxAttempts": 120}  # 10 min: GPU instances can take minutes to stop
 # EC2 docs: a terminated instance's network interfaces can take a few minutes to go away, and until

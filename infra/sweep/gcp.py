@@ -10,12 +10,13 @@ import re
 import time
 from typing import Any, Iterable
 
+from infra.cluster import CLUSTER_LABEL
 from infra.errors import SweepError
 from infra.sweep.common import Leftover, attempt
 
 logger = logging.getLogger(__name__)
 
-GCP_LABEL_KEY = "gpuforge-cluster"  # put on every labellable resource by infra/gcp.py
+GCP_LABEL_KEY = CLUSTER_LABEL  # put on every labellable resource by infra/gcp.py
 GCP_OPERATION_TIMEOUT_S = 600.0  # deleting a GPU VM takes 1-3 min; operations.wait returns within 2
 GCP_PURGE_ORDER = ("instance", "disk", "address", "resource-policy", "firewall", "subnetwork", "network",
                    "bucket")
