@@ -57,9 +57,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.use_bf16 = rt.device.type == "cuda" and (cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()))
-        self.teacher = load_teacher(cfg.teacher, runs, rt.device)[0] if cfg.teacher else None
-        if self.teacher is not None:
-            self._check_teacher_shape()
+        self.teacher = self._load_teacher() if cfg.teacher else None
         self.ckpt = CheckpointManager(run, cfg.keep_last)
         self.metrics = MetricsLogger(run, cfg.tensorboard, self.total_steps) if rt.is_main else None
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout differs per rank, reproducibly
@@ -104,10 +102,11 @@ class Trainer:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _check_teacher_shape(self) -> None:
-        _, tcfg = load_teacher(self.cfg.teacher, self.runs, torch.device("cpu"))
+    def _load_teacher(self) -> nn.Module:
+        teacher, tcfg = load_teacher(self.cfg.teacher, self.runs, self.rt.device)
         if input_shape(tcfg) != input_shape(self.cfg):
             raise ConfigError(f"teacher {self.cfg.teacher} takes inputs {input_shape(tcfg)}, this model {input_shape(self.cfg)}")
+        return teacher
 
     @property
     def eval_every(self) -> int:
