@@ -23,7 +23,7 @@ sysdeps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server >/dev/null; }
 
 demo: $(STAMP) sysdeps
-	$(BIN)/python -m provision.demo
+	$(BIN)/python -m provision.cli.demo
 
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q tests

@@ -1,8 +1,10 @@
-"""`fab` tasks for gpuforge (a thin shim over provision/tasks.py): run `fab --list`."""
+"""`fab` tasks for gpuforge at the repo root (a thin shim over provision/cli/): run `fab --list`.
 
-from provision.cli import adopt_fab_argv
-from provision.tasks import bake, cancel, clusters, doctor, down, exec_, fetch, logs, setup, status, train, up, use
+The same tasks are the `gpuforge` console command, which works from any folder.
+"""
 
+from provision.cli.argv import adopt_fab_argv
+from provision.cli.main import namespace
+
+ns = namespace()
 adopt_fab_argv()
-
-__all__ = ["up", "down", "use", "clusters", "setup", "train", "status", "logs", "cancel", "fetch", "exec_", "bake", "doctor"]

@@ -110,7 +110,7 @@ def seal_target(cluster: ClusterInfo, key_comment: str) -> None:
     """Seal a cloud builder over SSH; local nodes (tests) share their keys file and have no cloud-init."""
     if cluster.cloud == "local":
         return
-    from provision.ssh import connect
+    from infra.ssh import connect
 
     conn = connect(cluster, cluster.head)
     try:

@@ -31,3 +31,15 @@ class PulumiCliMissingError(ClusterError):
 
 class StackError(ClusterError):
     """A Pulumi stack operation failed, or a stack's outputs are not a gpuforge cluster."""
+
+
+class SshError(InfraError):
+    """Reaching a node over SSH failed (infra/ssh.py)."""
+
+
+class HostKeyError(SshError):
+    """A node presented a host key other than the pinned one."""
+
+
+class NodeUnreachableError(SshError):
+    """SSH to a node failed or timed out."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from infra.errors import HostKeyError, NodeUnreachableError, SshError  # noqa: F401 - raised by infra.ssh, caught here too
+
 
 class ProvisionError(Exception):
     """Base class for provisioning errors."""
@@ -9,10 +11,6 @@ class ProvisionError(Exception):
 
 class InventoryError(ProvisionError):
     """The chosen cluster cannot be resolved (unknown name, bad hosts file, bad stack output)."""
-
-
-class HostKeyError(ProvisionError):
-    """A node presented a host key other than the pinned one."""
 
 
 class StepError(ProvisionError):
@@ -23,10 +21,6 @@ class StepError(ProvisionError):
         self.exit_code, self.output_tail = exit_code, output_tail
         code = "no exit code" if exit_code is None else f"exit {exit_code}"
         super().__init__(f"{node}: step {step} failed ({code}) running: {command}\n{output_tail}".rstrip())
-
-
-class NodeUnreachableError(ProvisionError):
-    """SSH to a node failed or timed out."""
 
 
 class MatrixError(ProvisionError):

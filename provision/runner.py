@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infra.cluster import ClusterInfo, NodeInfo
-from provision.errors import NodeUnreachableError, ProvisionError, StepError
+from provision.errors import NodeUnreachableError, ProvisionError, SshError, StepError
 from provision.facts import GATHER_COMMAND, Facts, parse_facts
-from provision.ssh import known_hosts_path, open_connection, wait_for_ssh
+from infra.ssh import known_hosts_path, open_connection, wait_for_ssh
 from provision.steps import all_steps
 from provision.steps.base import Cmd, Step, StepContext, run_cmd
 
@@ -182,7 +182,7 @@ class Runner:
             report.steps.append(StepReport(exc.step, FAILED, str(exc)))
             detail = str(exc).split(": ", 1)[1] if str(exc).startswith(f"{node.name}: ") else str(exc)
             report.error = f"{node.name} ({node.address}): {detail}"
-        except ProvisionError as exc:
+        except (ProvisionError, SshError) as exc:
             report.error = str(exc) if node.name in str(exc) else f"{node.name} ({node.address}): {exc}"
         except Exception as exc:  # noqa: BLE001 - one node's surprise (a dropped connection) must not hide the others
             logger.debug("unexpected failure on %s", node.name, exc_info=True)

@@ -151,7 +151,7 @@ def script_archive(script: Path) -> bytes:
 
 def on_nodes(cluster: ClusterInfo, nodes: list[NodeInfo], fn: Callable[[Any, NodeInfo], Any]) -> list[Any]:
     """fn(connection, node) on every node in parallel; exceptions come back in place of results."""
-    from provision.ssh import connect
+    from infra.ssh import connect
 
     def one(node: NodeInfo) -> Any:
         try:
@@ -294,7 +294,7 @@ def logs(cluster: ClusterInfo, home: Path, run_id: str | None = None, node: str 
 def follow_run(cluster: ClusterInfo, home: Path, run_id: str | None = None, out: Callable[[str], None] = print,
                poll: float = 1.0, timeout: float | None = None) -> RunStatus:
     """Stream rank 0's output until the run ends (stopping the others on a failure); the final status."""
-    from provision.ssh import connect
+    from infra.ssh import connect
 
     record = load_record(home, cluster, run_id)
     run_id = record["spec"]["run_id"]

@@ -16,9 +16,9 @@ from infra.cluster import ClusterInfo
 from infra.errors import SshdMissingError
 from infra.local import create_local_cluster, destroy_local_cluster, find_sshd, our_processes
 from provision import inventory
-from provision.errors import HostKeyError
+from infra.errors import HostKeyError
 from provision.setup import setup_cluster
-from provision.ssh import connect
+from infra.ssh import connect
 from tests.support import ROOT, TINY_CONVNET
 from workloads.launch import RunSpec, follow_run, start_run
 
@@ -97,7 +97,7 @@ def test_dry_run_plans_per_node_and_changes_nothing(local, tmp_path):
 
 def test_demo_interrupted_leaves_nothing_behind(tmp_path):
     env = {**os.environ, "GPUFORGE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([os.sys.executable, "-m", "provision.demo"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([os.sys.executable, "-m", "provision.cli.demo"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state = tmp_path / "clusters" / "demo"
     lines = []

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from provision import cli
+from provision.cli import argv as cli
 
 
 @pytest.fixture

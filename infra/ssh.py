@@ -17,7 +17,7 @@ import paramiko
 from fabric import Config, Connection
 
 from infra.cluster import ClusterInfo, NodeInfo
-from provision.errors import HostKeyError, NodeUnreachableError
+from infra.errors import HostKeyError, NodeUnreachableError
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 - `fab train --job NAME key=value ...`: bare key=value words become the task's overrides.
 - `fab exec -- CMD` and `fab train --script train.py -- ARGS`: the words after `--` go to the task
   (Fabric would otherwise try to run them as a shell command on `-H` hosts).
-Both are applied by `adopt_fab_argv()`, which the repo's fabfile.py calls while Fabric loads it.
+Both are applied by `adopt_argv()`: the repo's fabfile.py calls it (through `adopt_fab_argv()`) while
+Fabric loads it, and the `gpuforge` program (provision/cli/main.py) before it parses its tasks.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def adopt_fab_argv() -> None:
     main = sys.modules.get("fabric.main")
     program = getattr(main, "program", None)
     core = getattr(program, "core", None)
-    if core is None:
-        return
-    argv = sys.argv[1:]
+    if core is not None:
+        adopt_argv(core, sys.argv[1:])
+
+
+def adopt_argv(core, argv: list[str]) -> None:
+    """The same rewrite for any Invoke program (`fab`, `gpuforge`): `core` is its parsed core context."""
     unparsed = core.unparsed
     if "--" in argv and unparsed and unparsed[0] in REMAINDER_TASKS:
         REMAINDER[:] = argv[argv.index("--") + 1 :]
@@ -68,6 +72,21 @@ VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r
 def remainder_command() -> str:
     """The words after `--`, joined with spaces as ssh does (`fab exec -- 'a | b'` keeps the pipe)."""
     return " ".join(REMAINDER)
+
+
+def parse_nodes(raw: str) -> int:
+    """--nodes: empty means every node of the cluster; otherwise a whole number >= 1."""
+    from workloads.errors import ConfigError
+
+    if raw in ("", None):
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"--nodes must be a whole number >= 1; got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"--nodes must be >= 1; got {value}")
+    return value
 
 
 def debug_enabled() -> bool:

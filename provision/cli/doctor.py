@@ -35,8 +35,8 @@ def check_credentials() -> list[Check]:
 
 
 def check_cluster(home: Path, ref: str | None) -> list[Check]:
-    from provision.errors import ProvisionError
-    from provision.ssh import connect
+    from provision.errors import ProvisionError, SshError
+    from infra.ssh import connect
 
     try:
         cluster = inventory.resolve(home, ref)
@@ -46,7 +46,7 @@ def check_cluster(home: Path, ref: str | None) -> list[Check]:
     for node in cluster.nodes:
         try:
             conn = connect(cluster, node)
-        except ProvisionError as exc:
+        except (ProvisionError, SshError) as exc:
             checks.append((f"{node.name} ssh", False, str(exc)))
             continue
         try:

@@ -17,7 +17,8 @@ from pathlib import Path
 from rich.console import Console
 
 from infra.local import create_local_cluster, destroy_local_cluster, state_dir_for
-from provision import inventory, report
+from provision import inventory
+from provision.cli import report
 from provision.setup import raise_for_failures, setup_cluster
 from workloads.launch import RunSpec, fetch_run, follow_run, start_run
 

@@ -1,0 +1,57 @@
+"""The `gpuforge` console command: every task of the `fab` shim, from any folder.
+
+    gpuforge up                       # a local cluster of sshd nodes
+    gpuforge setup && gpuforge train --job convnet-digits --follow
+    gpuforge --list                   # every task; gpuforge --help TASK for one
+
+It is Invoke's own way of shipping a program over a task collection (`Program(namespace=...)`):
+the same task functions as the repo's fabfile.py, with the same argv conveniences (provision/cli/argv.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from invoke import Collection, Program
+
+from provision.cli import argv
+
+MODULES = ("provision.cli.cluster_tasks", "provision.cli.run_tasks")
+
+
+def namespace() -> Collection:
+    """Every task, at the root of one collection (what `fab --list` and `gpuforge --list` show)."""
+    import importlib
+
+    ns = Collection()
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for task in Collection.from_module(module).tasks.values():
+            ns.add_task(task)
+    return ns
+
+
+class GpuforgeProgram(Program):
+    """Invoke's Program, plus our argv conveniences before the task words are parsed."""
+
+    def parse_tasks(self) -> None:
+        argv.adopt_argv(self.core, self.argv[1:])
+        super().parse_tasks()
+
+
+def program() -> GpuforgeProgram:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("gpuforge")
+    except PackageNotFoundError:
+        release = "source"
+    return GpuforgeProgram(name="gpuforge", binary="gpuforge", version=release, namespace=namespace())
+
+
+def main() -> None:
+    program().run(sys.argv)
+
+
+if __name__ == "__main__":
+    main()
