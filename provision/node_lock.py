@@ -11,7 +11,6 @@ Each run's summary records the lock's digest beside the torch, CUDA, NCCL and dr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -34,18 +33,8 @@ def lock_path() -> Path:
     return Path(str(resources.files("provision") / "data" / LOCK_NAME))
 
 
-def lock_text() -> str:
-    return lock_path().read_text()
-
-
-def lock_requirements() -> list[str]:
-    """`name==version` lines of the lock."""
-    return [line.strip() for line in lock_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
-def lock_digest() -> str:
-    """sha256 of the requirement lines (comments aside): what a run's summary records."""
-    return hashlib.sha256("\n".join(lock_requirements()).encode()).hexdigest()[:16]
+# One parser for setup and for the runs that record the lock (workloads/ imports nothing from provision/).
+from workloads.environment import lock_digest, lock_requirements  # noqa: E402,F401
 
 
 def resolve(python_version: str, requirements: list[str]) -> list[str]:
