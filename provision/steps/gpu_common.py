@@ -59,7 +59,8 @@ def pinned(package: str, version: str) -> str:
 
 def probe_command(sections: dict[str, str]) -> str:
     """One read-only command that runs several shell snippets and tags each one's output."""
-    script = "; ".join(f"echo '{SECTION}{name}'; {snippet}" for name, snippet in sections.items())
+    # A newline before each tag: a snippet whose output has none (dpkg-query -f='${Status}') must not swallow it.
+    script = "; ".join(f"printf '\\n{SECTION}{name}\\n'; {snippet}" for name, snippet in sections.items())
     return f"sh -c {shlex.quote(script)}"
 
 

@@ -148,3 +148,13 @@ def test_kept_toolkit_verify_snippet(tmp_path):
     assert sh(script).returncode == 0
     (tmp_path / "cuda-12.8" / "lib" / "libnccl.so.2.26.2").unlink()
     assert sh(script.replace("/usr/lib/x86_64-linux-gnu/", f"{tmp_path}/none/")).returncode != 0
+
+
+def test_probe_sections_survive_output_without_a_final_newline():
+    """Found by executing the plans (issue 8): `dpkg-query -f='${Status}'` prints no newline, which glued the next
+    section's tag to it, so nvidia-repo's check never passed and every setup re-ran it."""
+    from provision.facts import split_sections
+    from provision.steps.gpu_common import probe_command
+
+    out = sh(probe_command({"keyring": "printf 'install ok installed'", "sources": "echo deb https://x /"})).stdout
+    assert split_sections(out) == {"keyring": "install ok installed", "sources": "deb https://x /"}
