@@ -73,6 +73,8 @@ def allreduce_command(
     nproc: int,
     sizes: str = DEFAULT_SIZES,
     iters: int = DEFAULT_ITERS,
+    backend: str = "auto",
+    nccl_debug: bool = False,
 ) -> str:
     """The command one node runs for the cluster all-reduce check (start it on every node, rank 0's
     private address as master): torchrun with static rendezvous running provision.allreduce, after
@@ -80,6 +82,8 @@ def allreduce_command(
     run = (
         f"{ctx.python} -m torch.distributed.run --nnodes={nnodes} --nproc-per-node={nproc} "
         f"--node-rank={node_rank} --master-addr={shlex.quote(master_addr)} --master-port={master_port} "
-        f"--max-restarts=0 -m provision.allreduce --sizes {shlex.quote(sizes)} --iters {iters}"
+        f"--max-restarts=0 -m provision.allreduce --sizes {shlex.quote(sizes)} --iters {iters} --backend {backend}"
     )
-    return "sh -c " + shlex.quote(f"if [ -r {NCCL_ENV_FILE} ]; then . {NCCL_ENV_FILE}; fi; exec {run}")
+    # NCCL_DEBUG=INFO names the transport NCCL chose (NET/OFI + provider on EFA): the readiness check reads it.
+    debug = "export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET; " if nccl_debug else ""
+    return "sh -c " + shlex.quote(f"{debug}if [ -r {NCCL_ENV_FILE} ]; then . {NCCL_ENV_FILE}; fi; exec {run}")

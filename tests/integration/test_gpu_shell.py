@@ -73,14 +73,22 @@ def test_driver_verify_snippet(tmp_path, loaded, ok):
         assert "expected 580.167.08" in proc.stderr
 
 
-@pytest.mark.parametrize("gpus, ok", [(8, True), (7, False)])
-def test_gpu_count_verify_snippet(tmp_path, gpus, ok):
+ERROR_LINE = "Unable to determine the device handle for GPU0000:10:1C.0: Unknown Error"
+
+
+@pytest.mark.parametrize(
+    "lines, ok, said",
+    [([str(i) for i in range(8)], True, ""),
+     ([str(i) for i in range(7)], False, "nvidia-smi sees 7 GPUs, expected 8"),
+     # Regression (issue 8, defect 6): `wc -l` counted this error line as the eighth GPU.
+     ([str(i) for i in range(7)] + [ERROR_LINE], False, "nvidia-smi sees 7 GPUs, expected 8")],
+)
+def test_gpu_count_verify_snippet(tmp_path, lines, ok, said):
     ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
     count = STEPS["gpu-verify"].plan(ctx)[0]
-    proc = sh(shlex.split(count.run)[2], env=fake_nvidia_smi(tmp_path, [str(i) for i in range(gpus)]))
+    proc = sh(shlex.split(count.run)[2], env=fake_nvidia_smi(tmp_path, lines))
     assert (proc.returncode == 0) is ok
-    if not ok:
-        assert "nvidia-smi sees 7 GPUs, expected 8" in proc.stderr
+    assert said in proc.stderr
 
 
 def test_torch_check_fails_loudly_when_torch_cannot_use_cuda():

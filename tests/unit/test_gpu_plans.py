@@ -367,13 +367,15 @@ def test_dry_run_plan_for_p4d_lists_every_step_and_command():
 
 def test_allreduce_command_is_a_pasteable_torchrun_line():
     ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
-    words = shlex.split(allreduce_command(ctx, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29500, nproc=8))
+    words = shlex.split(allreduce_command(ctx, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29500, nproc=8,
+                                          backend="nccl", nccl_debug=True))
     assert words[:2] == ["sh", "-c"]
     assert words[2] == (
+        "export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET; "
         "if [ -r /etc/gpuforge/nccl.env ]; then . /etc/gpuforge/nccl.env; fi; exec /opt/gpuforge/venv/bin/python "
         "-m torch.distributed.run --nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.5 "
-        "--master-port=29500 --max-restarts=0 -m provision.allreduce --sizes 1M,16M,256M --iters 20"
-    )
+        "--master-port=29500 --max-restarts=0 -m provision.allreduce --sizes 1M,16M,256M --iters 20 --backend nccl"
+    )  # NCCL forced on GPU nodes (`auto` could fall back to gloo), its log names the transport
 
 
 def test_facts_default_has_no_gpu():
