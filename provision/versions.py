@@ -399,6 +399,7 @@ def matrix_table() -> list[dict[str, str]]:
             "torch_index_url": vs.torch_index_url(),
             "efa_installer": vs.efa_installer,
             "aws_ofi_nccl": vs.aws_ofi_nccl,
+            "gdrcopy": vs.gdrcopy,
             "python": vs.python,
             "image_family": image_family(os_name),
         })
@@ -408,7 +409,7 @@ def matrix_table() -> list[dict[str, str]]:
 def matrix_markdown() -> str:
     """The matrix as a Markdown table (README)."""
     rows = matrix_table()
-    keys = ["os", "driver", "fabric_manager", "cuda", "nccl", "torch", "efa_installer", "aws_ofi_nccl", "python"]
+    keys = ["os", "driver", "fabric_manager", "cuda", "nccl", "torch", "efa_installer", "aws_ofi_nccl", "gdrcopy", "python"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(row[k] for k in keys) + " |" for row in rows]
     return "\n".join(lines)

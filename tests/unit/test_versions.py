@@ -184,3 +184,20 @@ def test_matrix_file_with_unknown_keys_is_refused(tmp_path):
     bad.write_text('[os."ubuntu-22.04"]\ndriver = "580"\n')
     with pytest.raises(MatrixError, match=r"unknown keys \['driver'\]"):
         load_matrix(bad)
+
+
+def test_python_env_check_compares_the_whole_build(tmp_path):
+    """Regression (issue 8, defect 2): the check stripped `+cuXXX`, so an installed 2.13.0+cu126 passed for cu130."""
+    from invoke import MockContext, Result
+
+    from provision.node_lock import lock_digest
+    from provision.plan import plan_context
+    from provision.steps.core import PythonEnvStep
+
+    ctx = plan_context("aws", "g5.xlarge", "ubuntu-22.04")
+    step = PythonEnvStep()
+    assert step.expected_torch(ctx)[0] == "torch==2.13.0+cu130"
+    site = "/opt/gpuforge/venv/lib/python3.10/site-packages"
+    for build, ok in (("cu130", True), ("cu126", False)):
+        probe = MockContext(run=Result(f"{lock_digest()}\n{site}/torch-2.13.0+{build}.dist-info\n"))
+        assert step.check(probe, ctx) is ok
