@@ -1,7 +1,8 @@
 """The node supervisor's pure parts: the NCCL env file and failure classification."""
 
+from workloads.failures import explain_failure
 from workloads.runs import NodeStatus, RunStatus
-from workloads.supervise import classify_failure, load_env_file
+from workloads.supervise import load_env_file
 
 TORCHRUN_SIGKILL = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 Root Cause (first observed failure):
@@ -26,12 +27,15 @@ def test_env_file_is_sourced_like_a_shell_would(tmp_path, monkeypatch):
 
 
 def test_a_killed_rank_is_named_by_its_signal():
-    assert classify_failure(1, TORCHRUN_SIGKILL) == ("a rank was killed by signal 9 (SIGKILL)", False)
+    failure = explain_failure(1, TORCHRUN_SIGKILL)
+    assert failure.reason == "rank 1 (local rank 0) was killed by signal 9 (SIGKILL)" and not failure.secondary
+    assert failure.exit_code == -9 and failure.shell_code == 137
 
 
 def test_a_rank_that_lost_its_peer_is_secondary():
-    reason, secondary = classify_failure(1, PEER_LOST)
-    assert secondary and reason.startswith("exit code 1: RuntimeError:") and "Connection closed by peer" in reason
+    failure = explain_failure(1, PEER_LOST)
+    assert failure.secondary and failure.reason.startswith("the process exited with code 1: RuntimeError:")
+    assert "Connection closed by peer" in failure.reason
 
 
 def test_the_culprit_is_the_node_that_failed_on_its_own():
