@@ -127,16 +127,23 @@ def follow_run(cluster: ClusterInfo, home: Path, run_id: str | None = None, out:
     head = record_nodes(cluster, record)[0]
     conn = connect(cluster, head)
     offset, deadline = 0, time.monotonic() + timeout if timeout else None
+    pending = ""  # a line's start, until its end arrives: a line is never cut in two
+
+    def show(text: str, last: bool = False) -> None:
+        nonlocal pending
+        pending += text
+        complete, sep, pending = pending.rpartition("\n") if not last else (pending, "", "")
+        if complete.rstrip("\n"):
+            out(complete.rstrip("\n"))
+
     try:
         while True:
             text, offset = read_log(conn, head, run_id, offset)
-            if text:
-                out(text.rstrip("\n"))
+            show(text)
             status = run_status(cluster, home, run_id)
             if status.state != "running":
                 text, offset = read_log(conn, head, run_id, offset)
-                if text:
-                    out(text.rstrip("\n"))
+                show(text, last=True)
                 return status
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"run {run_id} still running after {timeout:.0f} s")

@@ -149,6 +149,18 @@ def at_least(flag: str, value: float, minimum: float) -> float:
     return value
 
 
+def type_choices(cloud: str) -> str:
+    """`up --cloud C` without a type: what you would pay for is your choice; the cheapest GPU types, with prices."""
+    from infra.catalog import CLOUDS, choices_message, instance_types
+
+    if cloud not in CLOUDS:
+        return f"--cloud {cloud!r}: {choices_message(cloud, ('local', *CLOUDS))}"
+    rows = sorted((r for r in instance_types(cloud) if r.gpu_count and not r.accelerator_required),
+                  key=lambda r: r.price_per_hour)[:4]
+    shown = ", ".join(f"{r.name} ({r.gpu_count} x {r.gpu_model}, ${r.price_per_hour:.2f}/h)" for r in rows)
+    return f"--instance-type is required with --cloud {cloud}; e.g. {shown} (all: infra/catalog/{cloud}.csv)"
+
+
 def debug_enabled() -> bool:
     return os.environ.get("GPUFORGE_DEBUG", "") not in ("", "0")
 

@@ -223,11 +223,15 @@ def print_bake(result: Any) -> None:
         out.print(f"[yellow]warning:[/] {warning}")
 
 
-def print_checks(checks: list[tuple[str, bool, str]]) -> bool:
+def print_checks(checks: list[Any], verdict: str) -> bool:
+    """The doctor's table (checks the cluster does not need are marked so) and its one-line verdict; all needed ok?"""
     table = Table(title="gpuforge doctor")
     for col in ("check", "ok", "detail"):
         table.add_column(col)
-    for name, ok, detail in checks:
-        table.add_row(name, "[green]ok[/]" if ok else "[bold red]no[/]", detail)
-    console().print(table)
-    return all(ok for _, ok, _ in checks)
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else ("[bold red]no[/]" if check.needed else "[yellow]no[/] (not needed)")
+        table.add_row(check.name, mark, escape(check.detail))
+    out = console()
+    out.print(table)
+    out.print(verdict, markup=False)
+    return all(c.ok for c in checks if c.needed)
