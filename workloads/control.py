@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from infra.cluster import ClusterInfo, NodeInfo
 from workloads.remote import on_nodes
-from workloads.runs import TERMINAL, LaunchError, NodeStatus, RunStatus, load_record, record_nodes, runs_dir
+from workloads.runs import TERMINAL, LaunchError, NodeStatus, RunStatus, find_record, load_record, record_nodes, runs_dir
 
 FETCH_SKIP = re.compile(r"^(step-\d+|nodes)/")  # checkpoints stay in storage unless asked for
 STATUS_PROBE = 'cat {d}/status.json 2>/dev/null || echo "{{}}"; echo; echo "#progress"; cat {d}/progress.json 2>/dev/null'
@@ -88,7 +88,15 @@ def cancel_run(cluster: ClusterInfo, home: Path, run_id: str | None = None) -> l
         busy = busy_runs(cluster)
         if not busy:
             return [f"nothing is running on cluster {cluster.name}"]
-        return [line for rid in sorted(busy) for line in cancel_run(cluster, home, rid)]
+        lines = []
+        for rid, names in sorted(busy.items()):
+            if find_record(home, cluster, rid) is None:  # started from another machine: stop it where it runs
+                results = stop_run(cluster, [cluster.node(n) for n in names], rid)
+                lines += [f"run {rid} on {n}: " + ("stopped" if not isinstance(r, Exception) else f"cancel failed: {r}")
+                          for n, r in zip(names, results)]
+            else:
+                lines += cancel_run(cluster, home, rid)
+        return lines
     record = load_record(home, cluster, run_id)
     nodes = record_nodes(cluster, record)
     before = run_status(cluster, home, run_id, enforce=False)

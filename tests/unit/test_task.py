@@ -211,3 +211,18 @@ def test_script_folder_and_missing_script_are_named(tmp_path):
         script_task(str(tmp_path / "nope.py"), [], 1, 0, {})
     task, workdir = script_task(str(tmp_path / "proj" / "main.py"), ["--lr", "3"], 2, 0, {"A": "1"})
     assert (task.script, task.args, task.nodes, workdir) == ("main.py", ["--lr", "3"], 2, (tmp_path / "proj").resolve())
+
+
+def test_outputs_sync_uploads_only_what_is_new_or_changed(tmp_path):
+    from workloads.outputs import OutputSync, outputs_key
+    from workloads.storage import open_store
+
+    store = open_store((tmp_path / "storage").as_uri()).child("runs", "r1", outputs_key(0))
+    out = tree(tmp_path / "out", {"model.pt": "1", "logs/a.txt": "a"})
+    sync = OutputSync(out, store)
+    assert sync.sync() == 2 and store.list() == ["logs/a.txt", "model.pt"]
+    assert sync.sync() == 0
+    (out / "model.pt").write_text("22")
+    assert sync.sync() == 1 and store.read_bytes("model.pt") == b"22"
+    assert outputs_key(1) == "outputs/node-1"
+    assert OutputSync(tmp_path / "none", store).sync() == 0
