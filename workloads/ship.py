@@ -158,7 +158,7 @@ def collect_workdir(root: Path, limit_mb: float = DEFAULT_LIMIT_MB) -> Bundle:
     if bundle.total_bytes > limit_mb * 1024 * 1024:
         raise ConfigError(f"{root} is {human(bundle.total_bytes)} in {len(files)} files, over the {limit_mb:g} MB limit; "
                           f"biggest: {biggest_entries(files)}; exclude them in a .gpuforgeignore (datasets belong in "
-                          "storage), or raise the limit with --ship-limit-mb")
+                          "storage), or raise the limit with --max-ship-mb")
     bundle.digest = content_digest(root, files)
     return bundle
 

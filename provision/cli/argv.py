@@ -33,7 +33,7 @@ VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r
                "--nproc-per-node", "--start-timeout", "--set", "--env", "-e", "--storage", "--run", "--node", "--tail",
                "--dest", "-d", "-t", "--name", "--cloud", "--instance-type", "--accelerator", "--region", "--zone",
                "--disk-gb", "--os", "--ssh-cidr", "--project", "--hosts", "--keep", "--base-image", "--subnet-id",
-               "--security-group-id", "--ship-limit-mb"}
+               "--security-group-id", "--max-ship-mb", "-v", "-m"}
 
 
 def adopt_fab_argv(collection: Any = None) -> None:

@@ -22,11 +22,11 @@ ENV_HELP = "NAME=VALUE for the run's environment (repeatable); NAME alone takes 
             "resume": "start the ended run --run-id again: a job continues from its newest complete checkpoint",
             "follow": "stream rank 0's output until the run ends; exit with the failed rank's exit code",
             "set": "key=value override (repeatable; bare key=value words work too)", "cluster": CLUSTER_HELP,
-            "env": ENV_HELP, "list": "list the jobs", "ship_limit_mb": "refuse to ship a script folder bigger than this",
+            "env": ENV_HELP, "list": "list the jobs", "max_ship_mb": "refuse to ship a script folder bigger than this (default 100)",
             "start_timeout": "seconds until the first training step before the run is failed (jobs)"},
       iterable=["set", "env"])
-def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", resume=False, follow=False, set=None, env=None,
-          cluster=None, start_timeout=900.0, list=False, ship_limit_mb=0.0):
+def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=False, set=None, cluster=None,
+          start_timeout=900.0, resume=False, env=None, list=False, max_ship_mb=0.0):
     """Start a job (or your script) with torchrun on the cluster's nodes: train --job NAME | --script FILE -- ARGS."""
     from workloads.launch import RunSpec, resume_spec, start_run
     from workloads.task import parse_env_overrides
@@ -52,7 +52,7 @@ def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", resume=Fa
             spec = resume_spec(home, chosen, run_id)
             spec.env.update(envs)
         else:
-            spec = script_spec(chosen, script, nodes, nproc_per_node, run_id, envs, float(ship_limit_mb)) if script else \
+            spec = script_spec(chosen, script, nodes, nproc_per_node, run_id, envs, float(max_ship_mb)) if script else \
                 RunSpec(job=job, args=[*(set or []), *cli.OVERRIDES], nodes=cli.parse_nodes(nodes),
                         nproc_per_node=nproc_per_node, run_id=run_id, storage_url=chosen.storage_url,
                         start_timeout=float(start_timeout), env=envs)

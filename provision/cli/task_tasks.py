@@ -26,16 +26,16 @@ from provision.cli.cluster_tasks import CLUSTER_HELP
 from provision.cli.run_tasks import ENV_HELP, exit_status
 
 
-@task(positional=["task_file"],
+@task(positional=["task_file"], auto_shortflags=False,
       help={"task_file": "the task's YAML file", "cluster": CLUSTER_HELP + "; a new name creates a cluster of the task's resources",
             "run_id": "run id (default: <task>-<time>)", "resume": "start the ended run --run-id again",
             "down": "tear the cluster down at the end (outputs are fetched to --dest first)", "env": ENV_HELP,
             "detach": "start the run and return (follow it with `gpuforge logs --follow`)",
             "dest": "where --down fetches the run to (default ./runs)",
-            "ship_limit_mb": "refuse to ship a workdir bigger than this (default 100)"},
+            "max_ship_mb": "refuse to ship a workdir bigger than this (default 100)"},
       iterable=["env"])
 def launch(c, task_file, cluster=None, run_id="", resume=False, down=False, env=None, detach=False, dest="runs",
-           ship_limit_mb=0.0):
+           max_ship_mb=0.0):
     """Run a task file: create the cluster if needed, set it up, run the task's setup, start the run, follow it."""
     from workloads.task import load_task, parse_env_overrides
     from workloads.task_launch import prepare_task
@@ -48,9 +48,9 @@ def launch(c, task_file, cluster=None, run_id="", resume=False, down=False, env=
                        code=2)
         if resume and not run_id:
             raise Exit("error: --resume needs the --run-id of the run to continue", code=2)
-        cli.at_least("--ship-limit-mb", ship_limit_mb, 0)
+        cli.at_least("--max-ship-mb", max_ship_mb, 0)
         spec_task, workdir = load_task(task_file, parse_env_overrides(env or []))
-        prepared = prepare_task(spec_task, workdir, float(ship_limit_mb))
+        prepared = prepare_task(spec_task, workdir, float(max_ship_mb))
         out.print(prepared.bundle.describe())
         chosen = None
         previous = signal.signal(signal.SIGTERM, interrupt) if down else None

@@ -189,7 +189,7 @@ def test_past_the_limit_the_biggest_entries_are_named(tmp_path):
     with pytest.raises(ConfigError) as info:
         collect_workdir(root, limit_mb=1)
     assert "over the 1 MB limit; biggest: data/ 1.0 MB, model.bin 293.0 KB, train.py 1 B" in str(info.value)
-    assert "--ship-limit-mb" in str(info.value)
+    assert "--max-ship-mb" in str(info.value)
     assert len(collect_workdir(root, limit_mb=2).files) == 4
 
 
