@@ -370,3 +370,28 @@ def test_train_list_lists_the_jobs_and_chained_tasks_work(cluster, home, tmp_pat
     assert listed.stdout.split()[0] == "seed000-cnn" and "convnet-digits" in listed.stdout
     chained = gpuforge(home, tmp_path, "use", "tk", "exec", "--", "echo", "chained")
     assert chained.returncode == 0 and "[node-0] chained" in chained.stdout, chained.stdout + chained.stderr
+
+
+def test_launch_down_tears_the_cluster_down_when_the_run_fails_or_is_interrupted(home, tmp_path):
+    (tmp_path / "fail.yaml").write_text("name: failing\nrun: echo about to fail; exit 5\n")
+    res = gpuforge(home, tmp_path, "launch", "fail.yaml", "--cluster", "downa", "--down")
+    assert res.returncode == 5, res.stdout + res.stderr
+    assert "creating local cluster downa" in res.stdout and "the process exited with code 5" in res.stdout
+    assert "tearing down cluster downa" in res.stdout and not (home / "clusters" / "downa").exists()
+
+    (tmp_path / "long.yaml").write_text("name: long\nrun: sleep 120\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFORGE_")}
+    proc = subprocess.Popen([GPUFORGE, "launch", "long.yaml", "--cluster", "downb", "--down"], cwd=tmp_path,
+                            env={**env, "GPUFORGE_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("started run"):
+            break
+    state = home / "clusters" / "downb"
+    assert state.exists(), "".join(lines)
+    proc.send_signal(__import__("signal").SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert not state.exists() and not our_processes(state)
