@@ -98,8 +98,11 @@ def seal_commands(key_comment: str) -> list[tuple[str, bool]]:
 
 def seal_builder(conn: Any, key_comment: str) -> None:
     """Run seal_commands on an open connection; a failure is a BakeError naming the command."""
+    from provision.steps.base import Cmd, command_line
+
     for command, sudo in seal_commands(key_comment):
-        result = (conn.sudo if sudo else conn.run)(command, hide=True, warn=True, in_stream=False)
+        line = command_line(conn, Cmd(command, sudo=sudo))  # the whole line as root, never `sudo if ...`
+        result = conn.run(line, hide=True, warn=True, in_stream=False)
         if result.exited != 0:
             output = (result.stderr or result.stdout)[-300:]
             raise BakeError(f"sealing the builder failed running {command!r}: {output}")

@@ -13,14 +13,14 @@ from provision.errors import InventoryError, ProvisionError
 logger = logging.getLogger(__name__)
 
 
-def create_local(home: Path, name: str, nodes: int) -> ClusterInfo:
+def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> ClusterInfo:
     from infra.local import create_local_cluster
 
     if not inventory.NAME.match(name):
         raise InventoryError(f"cluster name {name!r} must be lowercase letters, digits and '-' (max 39)")
     if nodes < 1:
         raise InventoryError(f"--nodes must be >= 1; got {nodes}")
-    return create_local_cluster(name, nodes, home)
+    return create_local_cluster(name, nodes, home, login_user=login_user)
 
 
 def register_hosts(home: Path, path: Path) -> ClusterInfo:

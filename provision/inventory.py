@@ -20,12 +20,12 @@ import yaml
 
 from infra.cluster import DEFAULT_WORKDIR, ClusterInfo, NodeInfo
 from infra.errors import ClusterError
-from provision.errors import InventoryError
+from provision.errors import InventoryError, ProvisionError
 
 DEFAULT_HOME = "~/.gpuforge"
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
 HOST_FIELDS = {"address", "private_address", "port", "user", "key", "name", "gpus", "gpu_model", "workdir"}
-FILE_FIELDS = {"name", "hosts", "user", "key", "port", "storage", "workdir"}
+FILE_FIELDS = {"name", "hosts", "user", "key", "port", "storage", "workdir", "pip_index"}
 
 
 def home_dir() -> Path:
@@ -161,6 +161,7 @@ def load_hosts_file(path: Path) -> ClusterInfo:
         user: ubuntu                  # defaults for every host
         key: ~/.ssh/id_ed25519
         storage: s3://my-bucket       # shared storage for checkpoints (needed for multi-node resume)
+        pip_index: https://pypi.example.corp/simple   # optional: the nodes' package index (a URL, or `node`)
         hosts:
           - address: 203.0.113.10     # SSH address; private_address defaults to it
             private_address: 10.0.0.10
@@ -194,9 +195,17 @@ def load_hosts_file(path: Path) -> ClusterInfo:
     storage = str(data.get("storage") or "")
     if storage and not re.match(r"^(file|s3|gs)://", storage):
         raise InventoryError(f"{path}: storage {storage!r} must be a file://, s3:// or gs:// URL")
+    extra = {"hosts_file": str(Path(path).resolve())}
+    if data.get("pip_index"):
+        from provision.pip_index import check_setting
+
+        try:
+            extra["pip_index"] = check_setting(str(data["pip_index"]), f"{path}: pip_index")
+        except ProvisionError as exc:
+            raise InventoryError(str(exc)) from exc
     try:
         return ClusterInfo(name=name, cloud="hosts", nodes=tuple(nodes), region="", storage_url=storage,
-                           extra={"hosts_file": str(Path(path).resolve())})
+                           extra=extra)
     except ClusterError as exc:
         raise InventoryError(f"{path}: {exc}") from exc
 

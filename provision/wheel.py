@@ -24,7 +24,7 @@ from provision.errors import ProvisionError
 logger = logging.getLogger(__name__)
 
 PACKAGES = ("infra", "provision", "workloads", "images")
-SUFFIXES = (".py", ".csv", ".toml", ".json", ".yaml")
+SUFFIXES = (".py", ".csv", ".toml", ".json", ".yaml", ".txt")
 
 
 DIST = "gpuforge"

@@ -38,10 +38,11 @@ CLUSTER_HELP = "cluster name, hosts .yaml, stack output .json or pulumi:STACK (d
             "spot": "spot / preemptible instances", "disk_gb": "root disk size", "os": "ubuntu-22.04 or ubuntu-24.04",
             "ssh_cidr": "who may SSH in (repeatable); without it nodes get no public SSH ingress",
             "project": "GCP project", "hosts": "register machines you already have (a hosts .yaml)",
-            "yes": "skip the cost confirmation"},
+            "yes": "skip the cost confirmation",
+            "login_user": "local only: VM-like nodes that log in as this sudo user and get the cloud plan (needs root)"},
       iterable=["ssh_cidr"])
 def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region="", zone="", spot=False, disk_gb=0,
-       os="", ssh_cidr=None, project="", hosts="", yes=False):
+       os="", ssh_cidr=None, project="", hosts="", yes=False, login_user=""):
     """Create a cluster (local, aws, gcp) or register existing machines, and select it."""
     from provision.clusters import create_cloud_cluster, create_local, register_hosts
 
@@ -51,7 +52,7 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
         if hosts:
             cluster = register_hosts(home, Path(hosts))
         elif not cloud or cloud == "local":
-            cluster = create_local(home, name or "local", count or 2)
+            cluster = create_local(home, name or "local", count or 2, login_user=login_user)
         else:
             if not instance_type:
                 raise Exit(f"error: {cli.type_choices(cloud)}", code=2)
@@ -96,8 +97,11 @@ def clusters(c):
             "instance_type": "with --dry-run and no cluster: the plan for a fresh VM of this type",
             "os": "with --instance-type: ubuntu-22.04 or ubuntu-24.04", "cloud": "with --instance-type: aws or gcp",
             "accelerator": "with --instance-type on GCP n1: e.g. nvidia-tesla-t4:1",
-            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)"})
-def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False):
+            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)",
+            "pip_index": "package index for the nodes: a URL (mirror/proxy) or `node` (the node's own pip config); "
+                         "default $GPUFORGE_PIP_INDEX, then the hosts file's pip_index"})
+def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False,
+          pip_index=""):
     """Configure every node: driver, CUDA, NCCL, EFA, Python env, our code, verify (idempotent)."""
     from provision.setup import check_cluster_allreduce, setup_cluster
 
@@ -107,17 +111,20 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
             report.print_type_plan(cloud, instance_type, os, accelerator)
             return
         chosen = inventory.resolve(home, cluster)
+        from provision.pip_index import resolve_pip_index
+
+        resolve_pip_index(pip_index, str(chosen.extra.get("pip_index") or ""))  # a bad value stops here, before SSH
         started = time.monotonic()
         with report.SetupProgress(chosen) as progress:
-            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event)
+            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event, pip_index=pip_index)
         report.print_setup(chosen, reports, dry_run, time.monotonic() - started)
         if any(not r.ok for r in reports):
             raise Exit(code=1)
         if not dry_run:
-            result = check_cluster_allreduce(chosen, home, reports, force=allreduce)
+            result = check_cluster_allreduce(chosen, home, reports, force=allreduce, pip_index=pip_index)
             if result is not None:
                 print(result.table)
-                cli.console().print(f"cluster [bold]{chosen.name}[/] is ready: all-reduce passed across {len(chosen.nodes)} node(s)")
+                cli.console().print(f"cluster [bold]{chosen.name}[/] is ready: {result.verdict}")
 
 
 @task(help={"cloud": "aws or gcp", "os": "ubuntu-22.04 or ubuntu-24.04", "instance_type": "builder type (a GPU type)",

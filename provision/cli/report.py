@@ -87,14 +87,15 @@ def print_setup(cluster: ClusterInfo, reports: list[NodeReport], dry_run: bool, 
     for r in reports:
         facts = r.facts.summary() if r.facts else "facts unknown"
         out.print(f"[bold]{r.node}[/] ({r.address}): {facts}")
-        for status, names, detail, seconds in grouped_steps(r.steps):
+        for status, names, detail, step_seconds in grouped_steps(r.steps):
             shown = names[0] if len(names) == 1 else f"{len(names)} steps ({', '.join(names)})"
             note = f" - {detail}" if detail and status != CHANGED else ""
-            out.print(f"  [{STYLE[status]}]{status:9}[/] {shown}{note}" + (f" ({seconds:.1f} s)" if status == CHANGED else ""))
+            took = f" ({step_seconds:.1f} s)" if status == CHANGED else ""
+            out.print(f"  [{STYLE[status]}]{status:9}[/] {shown}{note}{took}")
         for step, cmds in r.plan:
             out.print(f"  [cyan]plan[/] {step}:")
             for cmd in cmds:
-                out.print(f"      {'sudo ' if cmd.sudo else ''}{cmd.run}", markup=False)
+                out.print(f"      {'(root) ' if cmd.sudo else ''}{cmd.run}", markup=False)
         if r.error:
             out.print(f"  [bold red]FAILED[/] {r.error}", markup=True)
     gpu_skips = {s.detail for r in reports for s in r.steps if s.status == SKIPPED and "GPU" in s.detail}

@@ -105,3 +105,16 @@ def test_bad_stack_output_is_a_clear_error(tmp_path):
     path.write_text(json.dumps({"cluster": {"name": "x", "cloud": "aws", "nodes": []}}))
     with pytest.raises(InventoryError, match=str(path)):
         inventory.resolve(tmp_path, str(path))
+
+
+def test_hosts_file_pip_index_is_kept_and_a_bad_one_named(tmp_path):
+    from provision.errors import InventoryError
+    from provision.inventory import load_hosts_file
+
+    good = tmp_path / "lab.yaml"
+    good.write_text("pip_index: https://pypi.example.corp/simple\nhosts:\n  - address: 10.0.0.1\n")
+    assert load_hosts_file(good).extra["pip_index"] == "https://pypi.example.corp/simple"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pip_index: pypi.example.corp\nhosts:\n  - address: 10.0.0.1\n")
+    with pytest.raises(InventoryError, match=r"pip_index must be a package index URL .* or `node`; got 'pypi.example.corp'"):
+        load_hosts_file(bad)
