@@ -35,7 +35,7 @@ def test_a_partial_checkpoint_is_never_picked(ckpt, tmp_path):
 
 def test_a_truncated_file_fails_the_hash_check(ckpt, tmp_path):
     save(ckpt, 5)
-    path = tmp_path / "step-5" / "model.pt"
+    path = tmp_path / "step-5" / "__0_0.distcp"  # DCP's data file
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="does not match its manifest"):
         ckpt.load(5)
