@@ -83,7 +83,7 @@ def count_flops_per_sample(model: nn.Module, cfg: TrainConfig, device: torch.dev
 def training_dtype(device: torch.device, use_bf16: bool) -> str:
     if use_bf16:
         return "bf16"
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":  # TF32 matmuls allowed
         return "tf32"
     return "fp32"
 
