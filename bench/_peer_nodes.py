@@ -1,6 +1,7 @@
 """Two "existing machines" on this host for the peer benchmark: each node is an OpenSSH server on port 22
-of its own loopback address, in its own PID and mount namespace (`unshare`), with its own home and /tmp
-(bind mounts), logged into as a non-root user with passwordless sudo, as a cloud VM would be.
+of its own loopback address, in its own PID and mount namespace (`unshare`), with its own home, /tmp and
+/etc/os-release (bind mounts: Ubuntu 22.04, which our version matrix covers), logged into as a non-root
+user with passwordless sudo, as a cloud VM would be.
 
     nodes = start_nodes(root, key_pub, bashrc_extra)   # 127.0.13.2 and 127.0.13.3
     processes_on(nodes[0])                             # what runs on that "machine", PSS per process
@@ -26,6 +27,17 @@ from pathlib import Path
 USER = "gpuforge-peer"
 ADDRESSES = ("127.0.13.2", "127.0.13.3")  # away from the local cluster's 127.0.0.x
 SSHD = "/usr/sbin/sshd"
+# What each node says it is: our setup has tested versions for Ubuntu only; the host is Debian 12.
+OS_RELEASE = """\
+PRETTY_NAME="Ubuntu 22.04.5 LTS"
+NAME="Ubuntu"
+VERSION_ID="22.04"
+VERSION="22.04.5 LTS (Jammy Jellyfish)"
+VERSION_CODENAME=jammy
+ID=ubuntu
+ID_LIKE=debian
+UBUNTU_CODENAME=jammy
+"""
 SSHD_CONFIG = """\
 Port 22
 ListenAddress {address}
@@ -107,9 +119,11 @@ def start_nodes(root: Path, host_key: Path, key_pub: str, bashrc_extra: str = ""
                 (node_dir / sub).mkdir(parents=True, exist_ok=True)
             (node_dir / "tmp").chmod(0o1777)
             prepare_home(node_dir / "home", user, key_pub, bashrc_extra)
+            (node_dir / "os-release").write_text(OS_RELEASE)
             config = node_dir / "sshd_config"
             config.write_text(SSHD_CONFIG.format(address=address, host_key=host_key, node_dir=node_dir))
             script = (f"mount --bind {node_dir / 'home'} {user.pw_dir} && mount --bind {node_dir / 'tmp'} /tmp"
+                      f" && mount --bind {node_dir / 'os-release'} /etc/os-release"
                       f" && exec {SSHD} -D -e -f {config}")
             log = open(node_dir / "sshd.log", "ab")
             proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",

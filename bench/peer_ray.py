@@ -24,7 +24,9 @@ spend their time. The last line is `ratio: X.XX`: our setup re-run over `ray up 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -43,6 +45,11 @@ JOB = ROOT / "bench" / "peer" / "ddp_job.py"
 STATE = Path("/var/tmp/gpuforge-peer")  # outside /tmp: each node mounts its own /tmp
 NODE_HOME = f"/home/{USER}"
 STEPS = 60
+IMAGE = Path("/var/tmp/gpuforge-peer-image")  # kept between runs: the node venv, made once (~2 min)
+# The machines come with their software, as an image would: Ray (on PATH) and, where gpuforge keeps its venv,
+# torch at the matrix's version with the node packages, so that neither tool installs anything here. (Our first
+# setup would install torch from the PyTorch index, which this machine cannot reach.)
+NODE_VENV_PACKAGES = "torch==2.13.0 numpy scikit-learn tensorboard boto3 google-cloud-storage pydantic rich pyyaml"
 IDLE_SETTLE_S = 3.0
 # Ray's local-provider start commands (ray/autoscaler/local/defaults.yaml), plus the node's own address and
 # distinct ports for the worker: both "machines" share one network stack here, as they would not on real ones.
@@ -86,7 +93,8 @@ def read_markers(folder: Path, t0: float) -> dict[str, float]:
 
 
 def footprint(nodes) -> dict[str, object]:
-    procs = [(n.address, pid, cmd, pss) for n in nodes for pid, cmd, pss in processes_on(n)]
+    procs = [(n.address, pid, cmd, pss) for n in nodes for pid, cmd, pss in processes_on(n)
+             if not cmd.startswith("sshd:")]  # SSH sessions (Ray keeps its control connections 10 s) are not counted
     return {"processes": len(procs), "pss_mib": sum(p[3] for p in procs) / 1024,
             "names": sorted({Path(p[2].split()[0]).name for p in procs})}
 
@@ -109,7 +117,7 @@ class Ours:
         self.cli = [str(ROOT / ".venv" / "bin" / "gpuforge")]
         self.hosts = STATE / "hosts.yaml"
         self.hosts.write_text(yaml.safe_dump({
-            "name": "peer", "user": USER, "key": str(keys / "id_ed25519"), "workdir": f"{NODE_HOME}/gpuforge",
+            "name": "peer", "user": USER, "key": str(keys / "id_ed25519"), "workdir": NODE_HOME,  # the login user's home: see the note on BaseStep in the report
             "storage": (shared / "storage").as_uri(), "hosts": [{"address": a} for a in ADDRESSES]}))
         self.run = 0
 
@@ -217,6 +225,24 @@ def lifecycle(tool, nodes, shared: Path, i: int, results: dict[str, list]) -> No
     clear_nodes(nodes)
 
 
+def install_node_venv(nodes, keys: Path) -> None:
+    """~/venv on every node, made once inside node 0 as the login user and copied (same path on every node)."""
+    cached = IMAGE / "venv"
+    if not (cached / "bin" / "python").exists():
+        ssh = ["ssh", "-i", str(keys / "id_ed25519"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+               "-o", "LogLevel=ERROR", f"{USER}@{nodes[0].address}"]
+        subprocess.run([*ssh, f"python3 -m venv ~/venv && ~/venv/bin/pip install --quiet {NODE_VENV_PACKAGES}"],
+                       check=True, timeout=1800)
+        IMAGE.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(cached, ignore_errors=True)
+        shutil.copytree(nodes[0].dir / "home" / "venv", cached, symlinks=True)
+    for node in nodes:
+        target = node.dir / "home" / "venv"
+        if not target.exists():
+            subprocess.run(["cp", "-al", str(cached), str(target)], check=True)  # hard links: instant, and pip replaces files rather than writing into them
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", str(target)], check=True)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -234,7 +260,8 @@ def report(results: dict[str, list], rounds: int, first_setup: float) -> None:
             ("teardown", "teardown", "teardown")]
     for label, ours, theirs in rows:
         a, b = median(results[f"gpuforge:{ours}"]), median(results[f"ray:{theirs}"])
-        print(f"{label:42.42}{a:8.2f} s{b:8.2f} s{a / b:8.2f}")
+        print(f"{label:42.42}{a:8.2f} s{b:8.2f} s{a / b:8.2f}   rounds: "
+              + " ".join(f"{x:.2f}/{y:.2f}" for x, y in zip(results[f"gpuforge:{ours}"], results[f"ray:{theirs}"])))
     for when in ("idle", "after_teardown"):
         for tool in ("gpuforge", "ray"):
             fp = results[f"{tool}:{when}"][-1]
@@ -246,23 +273,26 @@ def report(results: dict[str, list], rounds: int, first_setup: float) -> None:
         keys = ("start", "imported", "joined", "first_step", "end")
         print(f"DDP job milestones, {tool} (s after the command started): " +
               ", ".join(f"{k} {median([m[k] for m in marks if k in m]):.2f}" for k in keys if any(k in m for m in marks)))
-    print(f"first gpuforge setup (a venv with torch on each node; Ray came preinstalled): {first_setup:.1f} s")
+    print(f"first gpuforge setup on the machines (torch preinstalled, as Ray is: our code and checks): {first_setup:.1f} s")
     print(f"ratio: {median(results['gpuforge:rerun']) / median(results['ray:rerun']):.2f}")
 
 
 def profile_ours(ours: Ours) -> None:
-    """Where our setup re-run and launch spend their time: cProfile of the CLI, cumulative, our code and SSH."""
+    """Where our setup re-run and launch spend their time: cProfile of the CLI process, summed up."""
     import pstats
 
     for label, args in (("setup re-run", ["setup", "--cluster", "peer"]),
                         ("train --follow", ["train", "--cluster", "peer", "--script", str(JOB), "--run-id", "peer-profile",
                                             "--follow", "--", "--steps", str(STEPS), "--markers", str(STATE / "shared")])):
         out = STATE / f"profile-{args[0]}.prof"
-        timed([str(ROOT / ".venv" / "bin" / "python"), "-m", "cProfile", "-o", str(out), "-m", "provision.cli.main", *args],
-              ours.env)
-        print(f"\n-- profile of `gpuforge {' '.join(args[:3])}` (cumulative s; our code, Fabric/paramiko, imports)")
-        stats = pstats.Stats(str(out))
-        stats.sort_stats("cumulative").print_stats(r"(provision|workloads|infra)/|paramiko/client|fabric/connection|importlib", 18)
+        wall, _ = timed([str(ROOT / ".venv" / "bin" / "python"), "-m", "cProfile", "-o", str(out), "-m", "provision.cli.main",
+                         *args], ours.env)
+        stats = pstats.Stats(str(out)).stats  # (file, line, function) -> (calls, primitive calls, own s, cumulative s, callers)
+        imports = max((v[3] for k, v in stats.items() if k[2] == "_find_and_load"), default=0.0)
+        ours_only = sorted(((v[3], f"{Path(k[0]).parent.name}/{Path(k[0]).name}:{k[2]}") for k, v in stats.items()
+                            if re.search(r"/(provision|workloads|infra)/", k[0]) and k[2] != "<module>"), reverse=True)
+        print(f"\nprofile of `gpuforge {label}` ({wall:.2f} s under cProfile): imports {imports:.2f} s; "
+              "our functions by cumulative time: " + ", ".join(f"{name} {ct:.2f} s" for ct, name in ours_only[:8]))
 
 
 def main() -> None:
@@ -291,6 +321,7 @@ def main() -> None:
     nodes = start_nodes(STATE, keys / "host_ed25519", (keys / "id_ed25519.pub").read_text().strip(), bashrc)
     results: dict[str, list] = {}
     try:
+        install_node_venv(nodes, keys)
         ours, ray = Ours(keys, shared), Ray(keys, args.ray_venv.resolve())
         ours.bring_up()
         first_setup = ours.setup()  # once: the nodes keep their venv, as machines would
@@ -307,7 +338,19 @@ def main() -> None:
     finally:
         stop_nodes(nodes)
     report(results, args.rounds, first_setup)
+    remove_state()
+
+
+def remove_state() -> None:
+    """Our state folder, and the SSH control sockets Ray keeps in /tmp whatever TMPDIR says (command_runner.py)."""
+    import getpass
+    import hashlib
+
     shutil.rmtree(STATE, ignore_errors=True)
+    user_dir = Path("/tmp") / f"ray_ssh_{hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]}"
+    shutil.rmtree(user_dir / hashlib.sha256(b"gpuforge-peer").hexdigest()[:10], ignore_errors=True)
+    with contextlib.suppress(OSError):
+        user_dir.rmdir()  # only when no other Ray cluster of this user has sockets there
 
 
 if __name__ == "__main__":
