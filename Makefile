@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test unit integration bench sysdeps venv clean
+.PHONY: demo test unit integration bench bench-peer sysdeps venv clean
 
 venv: $(STAMP)
 
@@ -38,7 +38,27 @@ integration: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q tests/integration
 
 bench: $(STAMP) sysdeps
-	for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/[!_]*.py; do [ $$b = bench/peer_ray.py ] && continue; echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# gpuforge against the Ray cluster launcher on the same two machines (bench/peer_ray.py). Ray goes into
+# an environment of its own, never the project's: it is big (~1.6 GB with torch), and only this needs it.
+# Its Python is the system one, which the benchmark's non-root node user can run (root's pyenv it cannot).
+RAY_VENV    := .venv-ray
+RAY_PYTHON  ?= /usr/bin/python3
+RAY_VERSION := 2.60.0
+RAY_STAMP   := $(RAY_VENV)/.installed-$(RAY_VERSION)
+
+$(RAY_STAMP):
+	rm -rf $(RAY_VENV)
+	$(RAY_PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install --quiet 'ray[default,train]==$(RAY_VERSION)' torch==2.13.0 numpy
+	touch $(RAY_STAMP)
+
+bench-peer: $(STAMP) sysdeps $(RAY_STAMP)
+	@command -v rsync >/dev/null && command -v sudo >/dev/null || { \
+	  echo "installing rsync and sudo (Ray's cluster launcher copies files with rsync; the nodes' user has sudo)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq rsync sudo >/dev/null; }
+	$(BIN)/python bench/peer_ray.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(RAY_VENV) build dist *.egg-info

@@ -100,6 +100,9 @@ class TrainConfig:
     """Checkpoint every this many steps; 0 means only at the end."""
     keep_last: int = 3
     """Older checkpoints beyond this many are deleted."""
+    ckpt_async: bool = True
+    """Save in the background (torch.distributed.checkpoint.async_save): the loop waits only while the
+    state is copied to host memory. false: wait until every checkpoint is written (the last one always is)."""
     tensorboard: bool = True
 
     # -- outputs and model optimization --

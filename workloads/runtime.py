@@ -73,9 +73,10 @@ def init_runtime(requested_device: str = "auto") -> Runtime:
     device = pick_device(requested_device, local_rank)
     distributed = world > 1
     if distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # NCCL for CUDA tensors; gloo beside it for CPU ones (background checkpoint saves ask for a CPU backend)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get("GPUFORGE_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)))
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return Runtime(rank, local_rank, world, device, distributed)
 

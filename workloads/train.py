@@ -124,7 +124,11 @@ def print_summary(summary: dict, url: str) -> None:
         q = summary["quantization"]
         print(f"int8 (dynamic) test accuracy: {q['test_accuracy_int8']:.4f} (fp32 {q['test_accuracy_fp32']:.4f}), "
               f"{q['state_dict_mb_int8']} MB vs {q['state_dict_mb_fp32']} MB")
-    print(f"steps: {summary['steps']}, {summary['samples_per_s']} samples/s, {summary['wall_time_s']} s")
+    tokens = f", {summary['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in summary else ""
+    print(f"steps: {summary['steps']}, {summary['samples_per_s']} samples/s{tokens}, {summary['wall_time_s']} s")
+    peak = summary["peak"]
+    print(f"MFU: {summary['mfu_steady']:.1%} of {peak['tflops']:g} TFLOPS {peak['dtype']} "
+          f"({'measured here' if peak['measured'] else 'datasheet'}: {peak['device']})")
     print(f"model: {url}/model.pth")
 
 

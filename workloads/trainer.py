@@ -1,5 +1,6 @@
 """One training loop for every job: DDP, accumulation, clipping, bf16 autocast on CUDA, eval,
-checkpoints with resume, metrics, export, quantization and distillation.
+checkpoints (saved in the background) with resume, metrics with throughput and MFU, export,
+quantization and distillation.
 
 The models and data are plug-ins chosen by TrainConfig; this file never names a job.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import logging
 import math
 import os
@@ -32,6 +34,7 @@ from workloads.models import INPUT_SHAPES, build_model, count_params, input_shap
 from workloads.optimize import distill_loss, load_teacher, quantize_dynamic_int8, state_dict_bytes
 from workloads.runtime import Runtime
 from workloads.storage import Store
+from workloads.throughput import Throughput, count_flops_per_sample, find_peak
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +54,22 @@ class Trainer:
         self.data_source = self._load_data()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(rt.device)
+        self.use_bf16 = rt.device.type == "cuda" and (cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()))
+        # FLOPs counted once, on the bare model before DDP or compile wrap it; the peak they are held against
+        self.throughput = Throughput(count_flops_per_sample(self.model, cfg, rt.device), find_peak(rt.device, self.use_bf16),
+                                     None if cfg.is_classifier else cfg.block_size)
         self.net: nn.Module = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) if rt.distributed else self.model
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.optimizer = self._build_optimizer()
         self.total_steps = self._total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.use_bf16 = rt.device.type == "cuda" and (cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()))
         self.teacher = self._load_teacher() if cfg.teacher else None
-        self.ckpt = CheckpointManager(run, cfg.keep_last)
+        self.ckpt = CheckpointManager(run, cfg.keep_last, pin_memory=rt.device.type == "cuda")
         self.metrics = MetricsLogger(run, cfg.tensorboard, self.total_steps) if rt.is_main else None
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout differs per rank, reproducibly
         self.step, self.resumed_from, self.samples = 0, None, 0
+        self.window_mfu: list[float] = []  # MFU of each logged window after the first (which holds the warm-up)
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -164,28 +171,40 @@ class Trainer:
             logger.info("run %s: %s, %d parameters, %d steps on %d process(es), %s", self.run_id, cfg.model,
                         count_params(self.model), self.total_steps, rt.world, rt.device)
         started, start_step, start_samples = time.monotonic(), self.step, self.samples
+        self.window = (started, self.samples)  # the logged rates are over the steps since the previous log
         self.net.train()
-        while self.step < self.total_steps:
-            loss = self.train_step()
-            if self.step % cfg.log_every == 0 or self.step in (self.total_steps, start_step + 1):
-                self.log_train(loss, started, start_step)  # the first step too: it tells the launcher training began
-            if self.step % self.eval_every == 0 and self.step < self.total_steps:
-                self.log_eval(self.evaluate("val"))
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
-        wall = time.monotonic() - started
-        self.save_checkpoint()
-        rate = (self.samples - start_samples) * rt.world / wall if wall > 0 and self.step > start_step else 0.0
-        return self.finalize(wall, rate)
+        try:
+            while self.step < self.total_steps:
+                loss = self.train_step()
+                if self.step % cfg.log_every == 0 or self.step in (self.total_steps, start_step + 1):
+                    self.log_train(loss, first=self.step == start_step + 1)  # the first step tells the launcher training began
+                if self.step % self.eval_every == 0 and self.step < self.total_steps:
+                    self.log_eval(self.evaluate("val"))
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint(wait=not cfg.ckpt_async)
+            wall = time.monotonic() - started
+            if self.step != self.resumed_from:  # a run resumed from its last checkpoint has nothing new to save
+                self.save_checkpoint(wait=True)
+            self.ckpt.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # a save in flight still completes; the first error is the one to tell
+                self.ckpt.close()
+            raise
+        samples = (self.samples - start_samples) * rt.world
+        return self.finalize(wall, samples if self.step > start_step else 0)
 
-    def log_train(self, loss: torch.Tensor, started: float, start_step: int) -> None:
-        loss = self.rt.all_reduce_sum(loss.detach().float().clone()) / self.rt.world
-        elapsed = max(time.monotonic() - started, 1e-9)
-        if not math.isfinite(loss.item()):
-            raise WorkloadError(f"loss is {loss.item()} at step {self.step}: training diverged; "
+    def log_train(self, loss: torch.Tensor, first: bool = False) -> None:
+        loss = (self.rt.all_reduce_sum(loss.detach().float().clone()) / self.rt.world).item()  # waits for the device
+        now = time.monotonic()
+        if not math.isfinite(loss):
+            raise WorkloadError(f"loss is {loss} at step {self.step}: training diverged; "
                                 f"try a lower lr (now {self.cfg.lr}) or grad_clip=1.0")
-        values = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
-                  "samples_per_s": round((self.step - start_step) * self.cfg.batch_size / elapsed, 1)}
+        since, samples_then = self.window
+        rates = self.throughput.rates((self.samples - samples_then) * self.rt.world, now - since, self.rt.world)
+        self.window = (now, self.samples)
+        if not first:
+            self.window_mfu.append(rates["mfu"])
+        values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], **rates}
         if self.metrics is not None:
             self.metrics.log(self.step, values)
             self.metrics.print(self.step, values)
@@ -243,18 +262,22 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.rt.device)
         return state
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Rank 0 saves the (replicated) state; the loop goes on once DCP has copied it to host
+        memory, unless `wait`: then every rank returns when the checkpoint is complete."""
         per_rank = self.rt.all_gather_object(self.rng_state())
         if self.rt.is_main:
             parts = {"model": self.model.state_dict(), "train_state": {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "samples": self.samples, "ranks": per_rank}}
             meta = {"step": self.step, "run_id": self.run_id, "world": self.rt.world, "config": self.cfg.to_dict(), "time": time.time()}
-            url = self.ckpt.save(self.step, parts, meta)
+            self.ckpt.save_async(self.step, parts, meta)
             if self.metrics is not None:
                 self.metrics.flush()
-            logger.info("checkpoint %s", url)
-        self.rt.barrier()
+            if wait:
+                self.ckpt.wait()
+        if wait:
+            self.rt.barrier()
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint of this run id, if there is one."""
@@ -282,15 +305,20 @@ class Trainer:
 
     # -- the end -----------------------------------------------------------------------------
 
-    def finalize(self, wall: float, rate: float) -> dict[str, Any]:
+    def finalize(self, wall: float, samples: int) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
+        rates = self.throughput.rates(samples, wall, rt.world) if samples else {"samples_per_s": 0.0, "mfu": 0.0}
         val = self.evaluate("val")
         self.log_eval(val)
         test = self.evaluate("test") if cfg.is_classifier else None
         summary: dict[str, Any] = {
             "run_id": self.run_id, "job": cfg.job, "model": cfg.model, "parameters": count_params(self.model),
             "dataset": self.data_source, "world_size": rt.world, "device": str(rt.device),
-            "steps": self.step, "samples": self.samples * rt.world, "samples_per_s": round(rate, 1),
+            "steps": self.step, "samples": self.samples * rt.world, **rates,
+            "mfu_steady": round(statistics.median(self.window_mfu), 6) if self.window_mfu else rates["mfu"],
+            "flops_per_sample": self.throughput.flops_per_sample,
+            "flops_per_step": self.throughput.flops_per_sample * cfg.batch_size,
+            "peak": self.throughput.peak.to_dict(),
             "wall_time_s": round(wall, 2), "resumed_from_step": self.resumed_from,
             "val_loss": val["loss"],
         }

@@ -149,3 +149,38 @@ def test_torch_compile_trains_the_same_model(tmp_path):
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-3
     assert set(torch.load(tmp_path / "runs/compiled/model.pth", weights_only=True)) == set(
         torch.load(tmp_path / "runs/eager/model.pth", weights_only=True)), "state dict keys must not carry _orig_mod"
+
+
+def test_throughput_and_mfu_in_metrics_tensorboard_and_summary(tmp_path):
+    res = run(train_cmd("--job", "gpt-stdlib-tiny", "--storage", str(tmp_path), "--run-id", "lm", "max_steps=6",
+                        "log_every=2", "eval_every=6", "eval_batches=1", "text_max_bytes=200000", "tensorboard=true",
+                        "export=none", "threads=1"))
+    assert res.returncode == 0, res.stderr
+    summary = read_summary(tmp_path, "lm")
+    assert summary["samples_per_s"] > 0 and summary["tokens_per_s"] == pytest.approx(summary["samples_per_s"] * 128, rel=0.01)
+    assert 0 < summary["mfu"] <= 1.5 and 0 < summary["mfu_steady"] <= 1.5
+    assert summary["flops_per_step"] == summary["flops_per_sample"] * 32
+    assert summary["peak"]["measured"] is True and summary["peak"]["source"].startswith("measured:")
+    assert "MFU:" in res.stdout and "measured here" in res.stdout
+    train = [json.loads(line) for line in (tmp_path / "runs/lm/metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 4, 6]
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs/lm/tb"))
+    events.Reload()
+    assert {"train/mfu", "train/samples_per_s", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/mfu")] == [1, 2, 4, 6]
+
+
+def test_background_checkpoints_train_the_same_model_as_waiting_ones(tmp_path):
+    args = ["--job", "convnet-digits", "--storage", str(tmp_path), *TINY_CONVNET, "max_steps=6", "ckpt_every=2",
+            "export=none", "quantize=false"]
+    waited = run(train_cmd(*args, "--run-id", "sync", "ckpt_async=false"))
+    background = run(train_cmd(*args, "--run-id", "async"))
+    assert waited.returncode == 0 and background.returncode == 0, background.stderr
+    assert state_sha(tmp_path / "runs/sync/model.pth") == state_sha(tmp_path / "runs/async/model.pth")
+    for run_id in ("sync", "async"):
+        steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "runs" / run_id).glob("step-*"))
+        assert steps == [2, 4, 6] and all((tmp_path / f"runs/{run_id}/step-{s}/manifest.json").exists() for s in steps)
