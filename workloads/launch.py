@@ -163,7 +163,8 @@ def node_command(spec: RunSpec, nodes: list[NodeInfo], node: NodeInfo, port: int
     cwd = working_dir(spec, node)
     if spec.command:
         return ["bash", "-e", "-c", spec.command], cwd
-    torchrun = [f"{venv_of(node)}/bin/python", "-m", "torch.distributed.run", f"--nnodes={len(nodes)}",
+    torchrun = [f"{venv_of(node)}/bin/python", "-m", "workloads.agent",  # torchrun, minus its exit-barrier race
+                f"--nnodes={len(nodes)}",
                 f"--nproc-per-node={procs_per_node(spec, node)}", f"--node-rank={node.rank}",
                 f"--master-addr={nodes[0].private_address}", f"--master-port={port}", "--max-restarts=0"]
     if spec.job:
