@@ -34,7 +34,10 @@ from infra.spec import ClusterSpec
 logger = logging.getLogger(__name__)
 
 VPC_CIDR = "10.42.0.0/16"
-SUBNET_CIDR = "10.42.0.0/20"  # 4091 addresses: one per node (efa-only interfaces take no IP address)
+# One /20 per zone (4091 addresses: one per node; efa-only interfaces take none), the zone's index in the catalog
+# choosing which: when `fab up` moves a first attempt to the next zone (capacity), the new subnet is created before
+# the old one is deleted (Pulumi's default for a replacement) and two subnets of a VPC may not overlap.
+SUBNET_PREFIX = 20
 SSH_PORT = 22
 IAM_PATH = "/gpuforge/"  # our roles and instance profiles live here: the sweep lists by this path, then by tag
 REGION_TAG = "gpuforge:region"  # on IAM resources (IAM is global): which region's cluster they belong to
@@ -80,6 +83,16 @@ EC2_TRUST_POLICY = json.dumps(
 def warn_unpinned(image: str) -> str:
     pulumi.log.warn(UNPINNED_IMAGE_HINT.format(image=image))
     return image
+
+
+def subnet_cidr(spec: ClusterSpec) -> str:
+    """The zone's /20 of the VPC (see SUBNET_PREFIX)."""
+    import ipaddress
+
+    from infra import catalog
+
+    index = catalog.zones("aws", spec.region).index(spec.zone)
+    return str(list(ipaddress.ip_network(VPC_CIDR).subnets(new_prefix=SUBNET_PREFIX))[index])
 
 
 def cluster_tags(spec: ClusterSpec) -> dict[str, str]:
@@ -140,7 +153,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
             tags={**tags, "Name": f"{n}-vpc"}, opts=self._child,
         )
         subnet = aws.ec2.Subnet(
-            f"{n}-subnet", vpc_id=vpc.id, cidr_block=SUBNET_CIDR, availability_zone=self._spec.zone,
+            f"{n}-subnet", vpc_id=vpc.id, cidr_block=subnet_cidr(self._spec), availability_zone=self._spec.zone,
             map_public_ip_on_launch=False, tags={**tags, "Name": f"{n}-subnet"}, opts=self._child,
         )
         gateway = aws.ec2.InternetGateway(f"{n}-igw", vpc_id=vpc.id, tags=tags, opts=self._child)

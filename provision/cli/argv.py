@@ -23,7 +23,7 @@ OVERRIDES: list[str] = []
 OVERRIDE_TASKS = ("train",)
 REMAINDER_TASKS = ("exec", "train")
 RUN_TASKS = ("fetch", "status", "logs", "cancel")
-TASK_NAMES = {"up", "down", "use", "clusters", "setup", "train", "status", "logs", "cancel", "fetch", "exec", "bake", "doctor"}
+TASK_NAMES = {"up", "down", "sweep", "use", "clusters", "setup", "train", "status", "logs", "cancel", "fetch", "exec", "bake", "doctor"}
 
 
 def adopt_fab_argv() -> None:

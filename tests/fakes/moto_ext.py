@@ -15,6 +15,7 @@ that talks to the server, whatever session it built, sees the same behaviour):
   RunInstances that would go past the quota fails with `VcpuLimitExceeded` and AWS's message.
 - Elastic IPs: AllocateAddress past the "EC2-VPC Elastic IPs" quota (L-0263D0A3, default 5 per region) fails with
   `AddressLimitExceeded` ("The maximum number of addresses has been reached.").
+- `fail_next(action, code, message)`: the next EC2 call of that action fails with that error (a fault for tests).
 - Service Quotas GetServiceQuota for ServiceCode `ec2` (moto implements only `vpc`): the values above, set per
   region with `set_quota(region, code, value)`.
 
@@ -48,6 +49,7 @@ class Extras:
     group_of_instance: dict[str, str] = field(default_factory=dict)  # instance id -> placement group name
     exhausted: set[tuple[str, str]] = field(default_factory=set)  # (zone, instance type or "*")
     quotas: dict[tuple[str, str], float] = field(default_factory=dict)  # (region, quota code) -> value
+    faults: dict[str, tuple[str, str]] = field(default_factory=dict)  # EC2 action -> (code, message), once
     ids: Any = field(default_factory=lambda: itertools.count(1))
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -62,11 +64,32 @@ def reset() -> None:
         STATE.group_of_instance.clear()
         STATE.exhausted.clear()
         STATE.quotas.clear()
+        STATE.faults.clear()
 
 
 def exhaust(zone: str, instance_type: str = "*") -> None:
     """From now on, RunInstances of `instance_type` (any, with "*") in `zone` fails for want of capacity."""
     STATE.exhausted.add((zone, instance_type))
+
+
+def fail_next(action: str, code: str, message: str) -> None:
+    """The next EC2 `action` (e.g. "CreateSecurityGroup") fails with this error code and message."""
+    import re
+
+    from moto.ec2.responses import EC2Response
+
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", action).lower()
+    original = getattr(EC2Response, name)
+    if not getattr(original, "_gpuforge_fault", False):
+        def wrapped(self, _original=original, _action=action):  # type: ignore[no-untyped-def]
+            fault = STATE.faults.pop(_action, None)
+            if fault is not None:
+                raise _error(*fault)
+            return _original(self)
+
+        wrapped._gpuforge_fault = True  # type: ignore[attr-defined]
+        setattr(EC2Response, name, wrapped)
+    STATE.faults[action] = (code, message)
 
 
 def set_quota(region: str, code: str, value: float) -> None:
