@@ -60,7 +60,8 @@ class Recorded:
     retain: bool = False
 
     def keys(self) -> set[str]:
-        """Every identifier the clouds list it by: id, physical name, self link, email, bucket name."""
+        """The identifiers the clouds list it by: id, self link, email, bucket name, and physical names (the sweep
+        matches a name only for kinds whose names are unique)."""
         found = {self.id}
         for key in ("name", "selfLink", "email", "bucket", "keyName", "arn", "allocationId"):
             value = self.outputs.get(key)

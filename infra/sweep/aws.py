@@ -84,10 +84,16 @@ def tag_filter(claim: Claim) -> list[dict]:
     return [{"Name": f"tag:{AWS_TAG_KEY}", "Values": [claim.cluster]}]
 
 
+# kinds whose name is unique in the account (IAM, buckets) or the region (key pairs, placement groups, launch
+# templates), so a recorded name names only this resource; others (Name tags) never claim anything
+UNIQUE_NAMES = ("key-pair", "placement-group", "launch-template", "iam-role", "iam-instance-profile", "bucket")
+
+
 def owned(kind: str, item_id: str, name: str, region: str, detail: str, tags_of: dict, claim: Claim) -> Leftover:
     tags = {t["Key"]: t["Value"] for t in tags_of.get("Tags", [])}
+    keys = (item_id, name) if kind in UNIQUE_NAMES else (item_id,)
     return Leftover("aws", kind, item_id, name, region, detail, owner=tags.get(AWS_TAG_KEY, ""),
-                    owner_id=tags.get(CLUSTER_ID_TAG, ""), recorded=claim.is_recorded(item_id, name))
+                    owner_id=tags.get(CLUSTER_ID_TAG, ""), recorded=claim.is_recorded(*keys))
 
 
 def list_aws_kind(ec2: Any, kind: str, claim: Claim, region: str) -> list[Leftover]:

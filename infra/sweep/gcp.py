@@ -62,13 +62,20 @@ def labelled(kind: str, item: Any, where: str, claim: Claim, detail: str = "") -
     labels = dict(item.labels or {})
     return Leftover("gcp", kind, str(item.id), item.name, where, detail, owner=labels.get(GCP_LABEL_KEY, ""),
                     owner_id=labels.get(CLUSTER_ID_LABEL, ""),
-                    recorded=claim.is_recorded(item.name, str(item.id), getattr(item, "self_link", "")))
+                    recorded=claim.is_recorded(*unique_keys(item)))
+
+
+def unique_keys(item: Any) -> tuple[str, ...]:
+    """What names one resource only: its self link (and the path in it, as Pulumi records ids) and numeric id;
+    never its name, which another zone, region or project may share."""
+    link = getattr(item, "self_link", "") or ""
+    return link, link.split("/compute/v1/", 1)[-1] if link else "", str(getattr(item, "id", "") or "")
 
 
 def marked(kind: str, item: Any, where: str, claim: Claim, detail: str = "") -> Leftover:
     owner, owner_id = read_marker(getattr(item, "description", "") or "") or ("", "")
     return Leftover("gcp", kind, str(item.id), item.name, where, detail, owner=owner, owner_id=owner_id,
-                    recorded=claim.is_recorded(item.name, str(item.id), getattr(item, "self_link", "")))
+                    recorded=claim.is_recorded(*unique_keys(item)))
 
 
 def list_gcp_labelled(compute: Any, kw: dict, project: str, region: str, claim: Claim) -> list[Leftover]:

@@ -373,6 +373,10 @@ class FakeCompute:
             self._check_network_refs(project, scope, collection, body)
         if collection == "instances":
             error = self._check_instance(project, scope, body)
+        if error is not None:  # the operation fails: nothing is made, not even the boot disk
+            stub = {"name": body["name"], "kind": f"compute#{SINGULAR[collection]}", "id": str(next(self._ids)),
+                    "selfLink": self._url(project, scope, collection, body["name"])}
+            return self._operate(project, scope, "insert", stub, lambda: None, error=error)
         resource = self._build(collection, project, scope, body)
         return self._operate(project, scope, "insert", resource,
                              lambda: self._put(collection, project, scope, resource), error=error)

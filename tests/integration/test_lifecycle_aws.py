@@ -48,6 +48,7 @@ def aws(moto_url, monkeypatch, tmp_path):
     reset_moto(moto_url)
     apply_s3_env(monkeypatch, moto_url)
     monkeypatch.setenv("GPUFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at 80 otherwise, and ids would be cut in tables
     engines = install_engines(monkeypatch, {"aws": AwsCloud(moto_url, REGION)})
     session = boto3.Session(region_name=REGION)
     return session, engines
@@ -298,3 +299,45 @@ def test_a_zone_that_does_not_offer_the_type_is_refused_naming_those_that_do(aws
     up = gpuforge(capsys, *UP, "--zone", f"{REGION}f")
     assert up.code == 1
     assert f"zone {REGION}f does not offer p4d.24xlarge; zones of {REGION} that do: {REGION}a, {REGION}b" in up.err
+
+
+def running_nodes(session) -> dict[str, str]:
+    found = session.client("ec2").describe_instances(Filters=[
+        {"Name": "tag:gpuforge:cluster", "Values": ["demo"]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    return {next(t["Value"] for t in i["Tags"] if t["Key"] == "Name"): i["InstanceId"]
+            for r in found["Reservations"] for i in r["Instances"]}
+
+
+def test_a_second_up_after_a_newer_image_is_published_replaces_no_node(aws, capsys):
+    """Regression: every up re-resolved the image, and the newer one replaced every running node."""
+    session, engines = aws
+    now = datetime.now(timezone.utc)
+    publish_ami(session, "gpuforge-a", now - timedelta(days=2))
+    assert gpuforge(capsys, *UP).code == 0
+    nodes = running_nodes(session)
+    publish_ami(session, "gpuforge-b", now - timedelta(hours=1))
+
+    again = gpuforge(capsys, *UP)
+
+    assert again.code == 0, again.text
+    assert running_nodes(session) == nodes
+    assert not [step for step in engines.last_steps() if step[0] in ("replace", "create", "delete")]
+
+
+def test_down_with_checkpoints_in_the_bucket_succeeds_and_keeps_them(aws, capsys, tmp_path):
+    """Regression: the bucket was neither retained nor force-destroyed, so `down` failed on any bucket a run had
+    written to."""
+    session, _ = aws
+    publish_ami(session, "gpuforge-a", datetime.now(timezone.utc))
+    assert gpuforge(capsys, *UP).code == 0
+    bucket = json.loads((tmp_path / "home" / "clusters" / "demo" / "cluster.json").read_text())[
+        "storage_url"].removeprefix("s3://")
+    session.client("s3").put_object(Bucket=bucket, Key="runs/r1/step-3/model.pt", Body=b"x" * 2048)
+
+    down = gpuforge(capsys, "down", "--cluster", "demo")
+
+    assert down.code == 0, down.text
+    assert session.client("s3").get_object(Bucket=bucket, Key="runs/r1/step-3/model.pt")["Body"].read() == b"x" * 2048
+    assert f"s3://{bucket} (1 object version(s), 2.0 KB)" in " ".join(down.out.split())
+    assert running_nodes(session) == {}
