@@ -80,7 +80,9 @@ class GcpBake(BakeRun):
         from google.cloud import compute_v1
 
         self.compute = compute_v1
-        self.kw = {"transport": "rest", "client_options": client_options, "credentials": credentials}
+        from infra.gcp_api import compute_kwargs
+
+        self.kw = compute_kwargs(client_options, credentials)  # the caller's endpoint, else GPUFORGE_GCP_ENDPOINT
         self.spec, self.home, self.on_event = spec, home, on_event
         self.project, self.zone = spec.project, spec.zone
         self.instances = compute_v1.InstancesClient(**self.kw)

@@ -99,6 +99,7 @@ class FakeCompute:
         self.store: dict[str, dict[tuple[str, str], dict[str, dict]]] = {c: {} for c in SCOPED}
         self.operations: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
+        self.inserted: list[tuple[str, dict]] = []  # (collection, body) of every insert asked for
         self.lock = threading.RLock()
         self._ids = itertools.count(1000)
         self._epoch = datetime.now(timezone.utc)
@@ -361,6 +362,7 @@ class FakeCompute:
         return {**out, "nextPageToken": token} if token else out
 
     def _insert(self, collection: str, project: str, scope: str, body: dict, query: dict | None = None) -> dict:
+        self.inserted.append((collection, json.loads(json.dumps(body))))
         if collection == "images" and body.get("sourceDisk") and (query or {}).get("forceCreate") != "true":
             self._check_disk_not_running(project, body["sourceDisk"])
         if not body.get("name"):

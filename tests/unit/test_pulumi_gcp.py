@@ -267,3 +267,9 @@ def test_baked_image_follows_the_gpus_driver_flavour(overrides, picked):
 def test_image_override_skips_lookups():
     run = run_program(gcp_config(image="projects/p/global/images/mine", nodes="1"))
     assert image_of(run) == "projects/p/global/images/mine" and run.calls == []
+
+
+def test_the_cluster_record_carries_the_project_so_down_can_destroy_and_sweep_it():
+    """Regression: ClusterInfo.extra never held the project, so `fab down` of a GCP cluster swept project ""."""
+    run = run_program(gcp_config(nodes="1", image="projects/p/global/images/mine"))
+    assert run.cluster.extra.get("project") == PROJECT
