@@ -16,9 +16,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
+    from infra.local import destroy_local_cluster
+
     monkeypatch.setenv("GPUFORGE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "200")
-    return tmp_path / "home"
+    yield tmp_path / "home"
+    for state in (tmp_path / "home" / "clusters").glob("*"):  # a failed test leaves no sshd behind
+        destroy_local_cluster(state)
 
 
 def test_local_down_keeps_the_storage_folder_and_delete_data_removes_it(home, capsys):
