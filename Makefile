@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[train,cloud,dev]'
 	touch $(STAMP)
 
-# OpenSSH server for the embedded local cluster (each node is a real sshd).
+# OpenSSH server for the embedded local cluster (each node is a real sshd); sudo, python3-venv and unshare for
+# its VM-like nodes (a sudo login user, a fresh venv from the system python3, namespaces per node).
+SYSPKGS := openssh-server sudo python3-venv util-linux
 sysdeps:
-	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
-	  echo "installing openssh-server (the local cluster's nodes are real sshd processes)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server >/dev/null; }
+	@missing=$$(for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing $$missing (the local cluster's nodes)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    -o DPkg::Lock::Timeout=600 $$missing >/dev/null; fi
 
 demo: $(STAMP) sysdeps
 	$(BIN)/python -m provision.cli.demo

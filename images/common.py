@@ -9,7 +9,6 @@ import logging
 import shutil
 import signal
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -99,8 +98,11 @@ def seal_commands(key_comment: str) -> list[tuple[str, bool]]:
 
 def seal_builder(conn: Any, key_comment: str) -> None:
     """Run seal_commands on an open connection; a failure is a BakeError naming the command."""
+    from provision.steps.base import Cmd, command_line
+
     for command, sudo in seal_commands(key_comment):
-        result = (conn.sudo if sudo else conn.run)(command, hide=True, warn=True, in_stream=False)
+        line = command_line(conn, Cmd(command, sudo=sudo))  # the whole line as root, never `sudo if ...`
+        result = conn.run(line, hide=True, warn=True, in_stream=False)
         if result.exited != 0:
             output = (result.stderr or result.stdout)[-300:]
             raise BakeError(f"sealing the builder failed running {command!r}: {output}")
@@ -138,12 +140,12 @@ def remove_state(state_dir: Path) -> None:
 def image_metadata(spec: BakeSpec, fingerprint: str) -> dict[str, str]:
     """What a baked image says about itself (before the cloud's key/value rules are applied)."""
     from provision.versions import open_kernel_modules, version_set
-    from provision.wheel import project_root
+    from provision.wheel import package_version
 
     gpu_model, _ = spec.gpus
     base = version_set(spec.os_name)
     vs = base.for_torch_build(base.torch_cuda_tag(gpu_model))  # Volta and older get the cu126 stack
-    project = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]
+    project = {"version": package_version()}
     return {
         "baked": "true",
         "os": spec.os_name,

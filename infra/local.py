@@ -97,14 +97,20 @@ def state_dir_for(home: Path, name: str) -> Path:
     return Path(home).expanduser() / "clusters" / name
 
 
-def create_local_cluster(name: str, nodes: int, home: Path) -> ClusterInfo:
-    """Start `nodes` sshd nodes and write the cluster record; on any failure, tear down what started."""
+def create_local_cluster(name: str, nodes: int, home: Path, login_user: str = "", boot_hook: str = "") -> ClusterInfo:
+    """Start `nodes` sshd nodes and write the cluster record; on any failure, tear down what started.
+    With `login_user` the nodes are VM-like (infra/local_vm.py): they log in as that sudo user and get the
+    cloud plan; `boot_hook` runs inside each of them at every boot."""
     if not 1 <= nodes <= MAX_LOCAL_NODES:
         raise ClusterError(f"a local cluster has 1..{MAX_LOCAL_NODES} nodes; got {nodes}")
     sshd = find_sshd()
     state = state_dir_for(home, name)
     if (state / "cluster.json").exists():
         raise ClusterError(f"cluster {name} already exists at {state}; `fab down --cluster {name}` first")
+    if login_user:
+        from infra.local_vm import check_vm_like
+
+        check_vm_like(login_user, state)
     keys = state / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation dir
@@ -115,8 +121,13 @@ def create_local_cluster(name: str, nodes: int, home: Path) -> ClusterInfo:
     storage.mkdir(exist_ok=True)
     infos, known = [], []
     try:
+        if login_user:
+            from infra.local_vm import share_storage
+
+            share_storage(login_user, storage)
         for rank in range(nodes):
-            info = start_node(sshd, state, rank, keys)
+            info = start_vm_node(sshd, state, rank, keys, login_user, boot_hook) if login_user else \
+                start_node(sshd, state, rank, keys)
             infos.append(info)
             known.append(f"[{info.public_address}]:{info.ssh_port} {' '.join(host_pub.split()[:2])}")
     except BaseException:
@@ -124,10 +135,12 @@ def create_local_cluster(name: str, nodes: int, home: Path) -> ClusterInfo:
         remove_state(state, keep_storage=True)  # a storage folder kept from an earlier cluster stays
         raise
     (keys / "known_hosts").write_text("\n".join(known) + "\n")
+    vm = {"node_mode": "machine", "login_user": login_user, "boot_hook": boot_hook} if login_user else {}
     cluster = ClusterInfo(
         name=name, cloud="local", nodes=tuple(infos), region="local", storage_url=storage.as_uri(),
         state_dir=str(state), known_hosts=str(keys / "known_hosts"),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra={"node_mode": "controller", **vm},
     )
     cluster.save(state / "cluster.json")
     return cluster
@@ -152,15 +165,38 @@ def start_node(sshd: str, state: Path, rank: int, keys: Path) -> NodeInfo:
                     workdir=str(node_dir), instance_type="local")
 
 
+def start_vm_node(sshd: str, state: Path, rank: int, keys: Path, user: str, boot_hook: str) -> NodeInfo:
+    """A VM-like node (infra/local_vm.py): its machine loop boots it in namespaces of its own."""
+    from infra.local_vm import power_on, vm_node_info, write_vm_node
+
+    address = f"127.0.0.{FIRST_HOST + rank}"
+    port = free_port(address)
+    node_dir = write_vm_node(state, rank, keys, user, address, port, sshd, boot_hook)
+    wait_for_port(address, port, power_on(node_dir), node_dir / "sshd.log")
+    return vm_node_info(rank, address, port, keys, user)
+
+
+def node_config_dir(cluster: ClusterInfo, rank: int) -> Path:
+    """Where a node's sshd_config and logs are (a VM-like node's workdir is its own /opt/gpuforge)."""
+    if cluster.extra.get("login_user"):
+        return Path(cluster.state_dir) / "nodes" / f"node-{rank}"
+    return Path(cluster.node(rank).workdir)
+
+
 def node_sshd_command(cluster: ClusterInfo, rank: int) -> list[str]:
     """The command that (re)starts a node's sshd: what a node "boot" runs."""
-    return [find_sshd(), "-D", "-e", "-f", str(Path(cluster.node(rank).workdir) / "sshd_config")]
+    return [find_sshd(), "-D", "-e", "-f", str(node_config_dir(cluster, rank) / "sshd_config")]
 
 
 def restart_node(cluster: ClusterInfo, rank: int) -> None:
     """Start a node's sshd again after it stopped (a node coming back from a reboot)."""
     node = cluster.node(rank)
-    log = Path(node.workdir) / "sshd.log"
+    log = node_config_dir(cluster, rank) / "sshd.log"
+    if cluster.extra.get("login_user"):
+        from infra.local_vm import power_on
+
+        wait_for_port(node.public_address, node.ssh_port, power_on(log.parent), log)
+        return
     with open(log, "ab") as out:
         proc = subprocess.Popen(node_sshd_command(cluster, rank), stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -169,7 +205,7 @@ def restart_node(cluster: ClusterInfo, rank: int) -> None:
 
 def stop_node(cluster: ClusterInfo, rank: int) -> bool:
     """Take one node down: its sshd and every session it serves (as a machine going off would)."""
-    config = str(Path(cluster.node(rank).workdir) / "sshd_config")
+    config = str(node_config_dir(cluster, rank) / "sshd_config")
     procs = our_processes(Path(cluster.state_dir))
     listeners = {pid for pid, cmd in procs if is_sshd(cmd) and config in " ".join(cmd)}
     doomed = set(listeners)

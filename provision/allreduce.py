@@ -97,8 +97,9 @@ def measure(size: str, size_bytes: int, iters: int, warmup: int, device, dist, t
 
 
 def format_table(results: list[Result], backend: str, world_size: int, nodes: int) -> str:
+    where = f"across {nodes} nodes" if nodes > 1 else "on 1 node"
     lines = [
-        f"all-reduce float32 over {backend}: {world_size} ranks on {nodes} node(s), busbw = algbw * 2(n-1)/n",
+        f"all-reduce float32 over {backend}: {world_size} ranks {where}, busbw = algbw * 2(n-1)/n",
         f"{'size':>8} {'bytes':>12} {'time(us)':>12} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12}",
     ]
     for r in results:

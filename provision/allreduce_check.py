@@ -14,6 +14,7 @@ from typing import Any
 from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import ProvisionError
 from provision.steps.base import StepContext
+from provision.allreduce_ready import judge
 from provision.steps.gpu import allreduce_command
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ class AllreduceResult:
     world_size: int
     rows: list[dict[str, Any]]
     table: str
+    verdict: str = ""
+    """What passed, by provision/allreduce_ready.py's rules (backend, transport, bandwidth against the reference)."""
 
 
 def run_allreduce(cluster: ClusterInfo, nodes: list[NodeInfo], gpus: bool, options: dict[str, Any],
@@ -44,7 +47,8 @@ def run_allreduce(cluster: ClusterInfo, nodes: list[NodeInfo], gpus: bool, optio
     def one(conn: Any, node: NodeInfo) -> Any:
         ctx = StepContext(cluster, node, options=options)
         nproc = max(1, node.gpu_count) if gpus else 1
-        command = allreduce_command(ctx, len(nodes), node.rank, nodes[0].private_address, port, nproc, sizes, iters)
+        command = allreduce_command(ctx, len(nodes), node.rank, nodes[0].private_address, port, nproc, sizes, iters,
+                                    backend="nccl" if gpus else "gloo", nccl_debug=gpus)
         return conn.run(command, hide=True, warn=True, timeout=ALLREDUCE_TIMEOUT_S)
 
     results = on_nodes(cluster, nodes, one)
@@ -55,5 +59,20 @@ def run_allreduce(cluster: ClusterInfo, nodes: list[NodeInfo], gpus: bool, optio
         raise ProvisionError(f"all-reduce check across {len(nodes)} nodes failed: {details}")
     head = results[0].stdout
     parsed = parse_allreduce_output(head)
-    table = "\n".join(line for line in head.splitlines() if not line.startswith("{"))
-    return AllreduceResult(parsed.get("backend", ""), parsed.get("world_size", 0), parsed.get("results", []), table)
+    table = "\n".join(line for line in head.splitlines() if not line.startswith("{") and "NCCL INFO" not in line)
+    verdict = judge(parsed, head + results[0].stderr, options.get("cloud") or cluster.cloud,
+                    options.get("instance_type") or nodes[0].instance_type, len(nodes), gpus, efa=efa_type(cluster, nodes))
+    return AllreduceResult(parsed.get("backend", ""), parsed.get("world_size", 0), parsed.get("results", []), table, verdict)
+
+
+def efa_type(cluster: ClusterInfo, nodes: list[NodeInfo]) -> bool:
+    """The nodes' instance type has EFA interfaces (the catalog says so)."""
+    if cluster.cloud not in ("aws", "gcp"):
+        return False
+    from infra.catalog import find_instance
+    from infra.errors import CatalogError
+
+    try:
+        return find_instance(cluster.cloud, nodes[0].instance_type).efa_interfaces > 0
+    except CatalogError:
+        return False

@@ -18,7 +18,7 @@ from provision.errors import InventoryError, ProvisionError
 logger = logging.getLogger(__name__)
 
 
-def create_local(home: Path, name: str, nodes: int) -> ClusterInfo:
+def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> ClusterInfo:
     from infra.local import create_local_cluster
 
     if not inventory.NAME.match(name):
@@ -27,7 +27,7 @@ def create_local(home: Path, name: str, nodes: int) -> ClusterInfo:
         raise InventoryError(f"--nodes must be >= 1; got {nodes}")
     if registry.load(home, name) is not None:
         raise InventoryError(f"a cloud cluster named {name} is registered; `fab down --cluster {name}` first")
-    cluster = create_local_cluster(name, nodes, home)
+    cluster = create_local_cluster(name, nodes, home, login_user=login_user)
     registry.drop_data(home, name, {Path(cluster.storage_url.removeprefix("file://")).resolve().as_uri()})
     return cluster
 
@@ -116,10 +116,14 @@ def stop_host_runs(home: Path, cluster: ClusterInfo, console) -> None:
             logger.info(line)
 
 
-def create_cloud_cluster(home: Path, *, cloud: str, name: str, given: dict, yes: bool,
-                         roll_image: bool = False) -> ClusterInfo:
+def create_cloud_cluster(home: Path, *, cloud: str, name: str, yes: bool, given: dict | None = None,
+                         roll_image: bool = False, **fields) -> ClusterInfo:
+    """`up` of a cloud cluster (provision/cloud_clusters.py). `given` holds what the user gave (a later up keeps the
+    rest); the keyword form (nodes=, instance_type=, os_name=, ssh_cidrs=, ...) is the same thing."""
     from provision.cloud_clusters import up_cloud
 
     if cloud not in ("aws", "gcp"):
         raise ProvisionError(f"--cloud must be aws, gcp or local, got {cloud!r}")
+    if given is None:
+        given = {("os" if k == "os_name" else k): v for k, v in fields.items()}
     return up_cloud(home, cloud, name, given, yes=yes, roll_image=roll_image)

@@ -4,6 +4,8 @@
     >>> vs = version_set("ubuntu-22.04")
     >>> choose_driver(vs, "A10G", NodeDriver("570.172.08", "runfile", "open")).versions.torch_cuda
     'cu126'
+    >>> torch_requirement("ubuntu-22.04", True, "A10G", NodeDriver("570.172.08", "runfile"))  # a DLAMI's R570
+    ('torch==2.13.0+cu126', 'https://download.pytorch.org/whl/cu126')
 
 The rules (issue 5: "A node that already has a matching stack skips what is already right, and says so";
 "a driver older than the PyTorch build needs is upgraded or refused with a clear message"):
@@ -30,10 +32,12 @@ from provision.errors import MatrixError
 from provision.versions import (
     NodeDriver,
     VersionSet,
+    cpu_versions,
     cuda_of_build,
     min_driver_for_cuda,
     open_kernel_modules,
     parse_version,
+    version_set,
 )
 
 INSTALL, KEEP = "install", "keep"
@@ -135,3 +139,23 @@ def choose_foreign_driver(vs: VersionSet, builds: list[str], node: NodeDriver) -
     wanted = " or ".join(needs(b, vs.torch) for b in builds)
     raise MatrixError(f"NVIDIA {found} is too old for {wanted}, and gpuforge cannot replace a driver apt did not "
                       f"install. {remedy}")
+
+
+def torch_requirement(
+    os_name: str, has_gpu: bool, gpu_model: str = "", existing_driver: str | NodeDriver = ""
+) -> tuple[str, str]:
+    """(`torch==X+build`, the PyTorch wheel index of that build) for a node: the `[cpu]` build without a GPU (on
+    any OS: provision/support.py decides which run it); on GPU nodes the CUDA build the node's driver will run
+    after setup (choose_driver): the matrix's cu130, or cu126 for Volta/Pascal/Maxwell and for nodes that keep
+    an existing pre-R580 driver (a Deep Learning AMI/VM).
+
+    `existing_driver` is Facts.existing_driver (a NodeDriver); a bare version string is taken as a driver
+    apt does not manage (NVIDIA's .run installer, as Deep Learning AMIs/VMs ship), which setup keeps."""
+    if not has_gpu:
+        cpu = cpu_versions()
+        return cpu.torch_spec, cpu.torch_index_url
+    vs = version_set(os_name)
+    node = existing_driver if isinstance(existing_driver, NodeDriver) else NodeDriver(existing_driver)
+    if node.version:
+        vs = choose_driver(vs, gpu_model, node).versions
+    return vs.torch_spec(gpu_model), vs.torch_index_url(gpu_model)

@@ -61,6 +61,8 @@ GATHER_COMMAND = "; ".join(
         f"echo '{SECTION}arch'; uname -m",
         f"echo '{SECTION}cpus'; nproc",
         f"echo '{SECTION}mem'; grep MemTotal /proc/meminfo",
+        f"echo '{SECTION}python'; python3 --version 2>/dev/null",
+        f"echo '{SECTION}cloud-init'; command -v cloud-init >/dev/null 2>&1 && echo present",
         f"echo '{SECTION}nvidia-smi'; {NVIDIA_SMI_QUERY} 2>&1; gf_rc=$?",
         f"echo '{SECTION}nvidia-smi-rc'; echo $gf_rc",
         f"echo '{SECTION}nvidia-version'; cat /proc/driver/nvidia/version 2>/dev/null",
@@ -132,6 +134,10 @@ class Facts:
     """`libnccl.so.2.X.Y` files inside toolkit directories (Deep Learning AMIs build NCCL there)."""
     fabric_manager: str = ""
     """Version `nv-fabricmanager --version` reports ("" when not installed)."""
+    python: str = ""
+    """The node's python3 (`3.10.12`; "" when there is none)."""
+    cloud_init: bool = False
+    """cloud-init is installed: a fresh VM may still be running it (and apt) during its first minutes."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -329,6 +335,12 @@ def parse_fabric_manager(text: str) -> str:
     return match.group(1) if match else ""
 
 
+def parse_python(text: str) -> str:
+    """`Python 3.10.12` -> `3.10.12`."""
+    match = re.search(r"Python (\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else ""
+
+
 def parse_facts(output: str) -> Facts:
     s = split_sections(output)
     os_id, os_version = parse_os_release(s.get("os", ""))
@@ -368,6 +380,8 @@ def parse_facts(output: str) -> Facts:
         cuda_packages=tuple(line[3:].strip() for line in s.get("cuda-pkgs", "").splitlines() if line.startswith("ii")),
         nccl_libraries=parse_nccl_libraries(s.get("nccl", "")),
         fabric_manager=parse_fabric_manager(s.get("fabricmanager", "")),
+        python=parse_python(s.get("python", "")),
+        cloud_init=s.get("cloud-init", "") == "present",
     )
 
 

@@ -66,7 +66,7 @@ def plan_context(cloud: str, instance_type: str, os_name: str, accelerator: str 
 
 def render_plan(steps: list[Step], ctx: StepContext) -> str:
     """Every step in order: skipped ones with the reason, the others with their numbered commands
-    (`sudo ` shown where the command runs as root, reboots marked)."""
+    (`(root) ` where the whole line runs as root, `VAR=value` for what it exports first, reboots marked)."""
     what = ctx.options.get("instance_type") or ctx.node.instance_type or ctx.node.name
     lines = [f"Setup plan for {what}: {ctx.facts.summary() if ctx.facts else 'no facts'}"]
     if ctx.options.get("versions") is not None:
@@ -88,7 +88,10 @@ def render_plan(steps: list[Step], ctx: StepContext) -> str:
         for i, cmd in enumerate(step.plan(ctx), 1):
             if cmd.desc:
                 lines.append(f"    # {cmd.desc}")
-            prefix = "sudo " if cmd.sudo else ""
+            prefix = "(root) " if cmd.sudo else ""  # sent through steps.base.root_command: sudo -n sh -c '...'
+            env = "".join(f"{key}={value} " for key, value in cmd.env)
             marker = "   <- reboot" if cmd.reboot else ""
-            lines.append(f"  {number}.{i} {prefix}{cmd.run}{marker}")
+            if cmd.reboot_when:
+                marker += f", only if the step's previous command printed {cmd.reboot_when!r}"
+            lines.append(f"  {number}.{i} {prefix}{env}{cmd.run}{marker}")
     return "\n".join(lines)

@@ -21,10 +21,11 @@ from typing import Any, Callable
 
 from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import NodeUnreachableError, ProvisionError, SshError, StepError
-from provision.facts import GATHER_COMMAND, Facts, parse_facts
+from provision.facts import GATHER_COMMAND, Facts, check_driver_sees_all, parse_facts
+from provision.support import check_supported
 from infra.ssh import known_hosts_path, open_connection, wait_for_ssh
 from provision.steps import all_steps
-from provision.steps.base import Cmd, Step, StepContext, run_cmd
+from provision.steps.base import Cmd, Step, StepContext, command_line, run_cmd
 
 logger = logging.getLogger(__name__)
 
@@ -87,22 +88,14 @@ class LoggedConnection:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
-    def _logged(self, kind: str, command: str, **kwargs: Any) -> Any:
-        self._log.write(f"$ {'sudo ' if kind == 'sudo' else ''}{command}")
-        result = getattr(self._conn, kind)(command, **kwargs)
+    def run(self, command: str, **kwargs: Any) -> Any:
+        self._log.write(f"$ {command}")
+        result = self._conn.run(command, **kwargs)
         for stream in (result.stdout, result.stderr):
             if stream.strip():
                 self._log.write(stream)
         self._log.write(f"exit {result.exited}")
         return result
-
-    def run(self, command: str, **kwargs: Any) -> Any:
-        return self._logged("run", command, **kwargs)
-
-    def sudo(self, command: str, **kwargs: Any) -> Any:
-        if self._conn.user == "root":  # root needs no sudo, and minimal images may not have it
-            return self._logged("run", command, **kwargs)
-        return self._logged("sudo", command, **kwargs)
 
     def put(self, local: str, remote: str) -> Any:
         self._log.write(f"sftp put {local} {remote}")
@@ -170,6 +163,7 @@ class Runner:
             self.on_event(node.name, "facts", "running")
             report.facts = ctx.facts = gather_facts(conn)
             log.write(f"facts: {report.facts.summary()}")
+            check_supported(report.facts)
             if self.validate_facts is not None:
                 self.validate_facts(node, report.facts)
             markers = read_markers(conn, ctx)
@@ -177,6 +171,7 @@ class Runner:
                 current = step.name
                 self.on_event(node.name, step.name, "running")
                 report.steps.append(self.run_step(conn, ctx, step, markers, dry_run, report))
+                report.facts = ctx.facts  # a reboot re-gathers them: the driver is there now
                 self.on_event(node.name, step.name, report.steps[-1].status)
         except StepError as exc:
             report.steps.append(StepReport(exc.step, FAILED, str(exc)))
@@ -223,7 +218,7 @@ class Runner:
     def reboot_hook(self, conn: Any, ctx: StepContext, cmd: Cmd) -> None:
         """Reboot a node and wait until SSH comes back, then carry on with a fresh connection."""
         node = ctx.node
-        conn.run(cmd.run if not cmd.sudo else f"sudo {cmd.run}", hide=True, warn=True, timeout=30)
+        conn.run(command_line(conn, cmd), hide=True, warn=True, timeout=30)
         deadline = time.monotonic() + REBOOT_DOWN_S
         while time.monotonic() < deadline:  # wait for the old connection to drop
             try:
@@ -240,6 +235,11 @@ class Runner:
             reopen(inner, self.cluster, node, REBOOT_UP_S)  # the same object: the step's plan carries on with it
         except NodeUnreachableError as exc:
             raise StepError(node.name, "reboot", cmd.run, None, f"the node did not come back within {REBOOT_UP_S:.0f} s: {exc}") from exc
+        ctx.facts = gather_facts(conn)  # what the node is after the boot: the new driver loaded, or not
+        if ctx.facts.has_gpu:  # the boot loaded the driver: nvidia-smi must list every GPU on the bus now
+            check_driver_sees_all(ctx.facts, require_driver=True)
+        if self.validate_facts is not None:
+            self.validate_facts(node, ctx.facts)
 
 
 def has_own_check(step: Step) -> bool:

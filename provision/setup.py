@@ -19,9 +19,12 @@ from provision.wheel import build_wheel, source_fingerprint, wheel_filename
 logger = logging.getLogger(__name__)
 
 
-def step_options(cluster: ClusterInfo, home: Path) -> dict[str, Any]:
+def step_options(cluster: ClusterInfo, home: Path, pip_index: str = "") -> dict[str, Any]:
     """Run-wide inputs of the steps: the source fingerprint, the wheel (built lazily, once), the
-    controller's Python for local nodes, and the cluster's instance type/accelerator for GPU steps."""
+    controller's Python for quick local nodes, the package index setting (provision/pip_index.py), and the
+    cluster's accelerator for GPU steps."""
+    from provision.pip_index import resolve_pip_index
+    from provision.steps.base import CONTROLLER_MODE, node_mode
     from provision.steps.core import controller_options
 
     fingerprint = source_fingerprint()
@@ -39,8 +42,9 @@ def step_options(cluster: ClusterInfo, home: Path) -> dict[str, Any]:
         "wheel_name": f"{fingerprint}/{wheel_filename()}",  # one folder per source tree on the node
         "wheel_path": wheel_path,
         "cloud": cluster.cloud,
+        "pip_index": resolve_pip_index(pip_index, str(cluster.extra.get("pip_index") or "")),
     }
-    if cluster.cloud == "local":
+    if node_mode(cluster) == CONTROLLER_MODE:
         options.update(controller_options())
     for key in ("accelerator",):
         if cluster.extra.get(key):
@@ -68,8 +72,8 @@ def catalog_validator(cluster: ClusterInfo) -> Callable[[NodeInfo, Facts], None]
 
 def setup_cluster(cluster: ClusterInfo, home: Path, steps: list[Step] | None = None, dry_run: bool = False,
                   on_event: Callable[[str, str, str], None] | None = None, ssh_wait: float | None = None,
-                  extra_options: dict[str, Any] | None = None) -> list[NodeReport]:
-    options = {**step_options(cluster, home), **(extra_options or {})}
+                  extra_options: dict[str, Any] | None = None, pip_index: str = "") -> list[NodeReport]:
+    options = {**step_options(cluster, home, pip_index), **(extra_options or {})}
     kwargs = {"ssh_wait": ssh_wait} if ssh_wait is not None else {}
     runner = Runner(cluster, steps if steps is not None else all_steps(), options,
                     log_dir=log_dir(cluster, home), on_event=on_event, validate_facts=catalog_validator(cluster), **kwargs)
@@ -79,7 +83,8 @@ def setup_cluster(cluster: ClusterInfo, home: Path, steps: list[Step] | None = N
     return reports
 
 
-def check_cluster_allreduce(cluster: ClusterInfo, home: Path, reports: list[NodeReport], force: bool = False):
+def check_cluster_allreduce(cluster: ClusterInfo, home: Path, reports: list[NodeReport], force: bool = False,
+                            pip_index: str = ""):
     """After every node passed: the cross-node all-reduce (always on GPU clusters, on CPU ones when
     forced). Returns its result, or None when it does not apply."""
     from provision.allreduce_check import run_allreduce
@@ -87,7 +92,7 @@ def check_cluster_allreduce(cluster: ClusterInfo, home: Path, reports: list[Node
     gpus = any(r.facts is not None and r.facts.has_gpu for r in reports)
     if not (gpus or force) or any(not r.ok for r in reports):
         return None
-    return run_allreduce(cluster, list(cluster.nodes), gpus, step_options(cluster, home))
+    return run_allreduce(cluster, list(cluster.nodes), gpus, step_options(cluster, home, pip_index))
 
 
 def log_dir(cluster: ClusterInfo, home: Path) -> Path:

@@ -6,13 +6,13 @@ validates it where it is declared, and answers the questions the GPU steps ask:
     >>> vs = version_set("ubuntu-22.04")
     >>> vs.driver_version, vs.cuda, vs.torch
     ('580.167.08', '13.0', '2.13.0')
-    >>> torch_requirement("ubuntu-22.04", has_gpu=True)
-    ('torch==2.13.0', 'https://download.pytorch.org/whl/cu130')
-    >>> torch_requirement("ubuntu-22.04", True, "A10G", NodeDriver("570.172.08", "runfile"))  # a DLAMI's R570
-    ('torch==2.13.0', 'https://download.pytorch.org/whl/cu126')
+    >>> cpu_versions().torch
+    '2.13.0'
 
-What a node keeps of its existing driver, and which torch build follows from it, is decided in
-provision/drivers.py (choose_driver).
+The matrix constrains GPU stacks only: a CPU node runs the `[cpu]` torch build on any Debian or Ubuntu
+release whose python3 torch supports (provision/support.py). What a GPU node keeps of its existing driver,
+and which torch build follows from it, is decided in provision/drivers.py (choose_driver, torch_requirement);
+this module imports nothing from there.
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ GPU_FAMILIES = {
     "H100": "Hopper", "H200": "Hopper",
     "B200": "Blackwell",
 }
+# GPUs the matrix knows but gpuforge does not set up, and why. HGX B200 has fourth-generation NVSwitches: Fabric
+# Manager there needs NVIDIA's NVLink subnet manager (nvlsm) and the ib_umad module, which no step installs yet
+# (NVIDIA Fabric Manager User Guide, "NVLink 5 / fifth-generation NVLink systems").
+UNSUPPORTED_FAMILIES = {
+    "B200": "HGX B200 (fourth-generation NVSwitch) needs the NVLink subnet manager (nvlsm) and ib_umad for Fabric "
+            "Manager, which gpuforge does not install yet; use an A100, H100 or H200 type (p4d, p5, p5e, a3)",
+}
 
 
 def gpu_family(model: str) -> str:
@@ -100,6 +107,8 @@ def gpu_generation(model: str) -> GpuGeneration:
     if not family:
         known = ", ".join(GPU_FAMILIES)
         raise MatrixError(f"unknown GPU model {model!r}: the version matrix knows {known}")
+    if family in UNSUPPORTED_FAMILIES:
+        raise MatrixError(f"{family} is not supported: {UNSUPPORTED_FAMILIES[family]}")
     generation = GENERATIONS[GPU_FAMILIES[family]]
     if not generation.supported:
         raise MatrixError(
@@ -159,6 +168,7 @@ class VersionSet:
     nccl_legacy: str
     efa_installer: str
     aws_ofi_nccl: str
+    gdrcopy: str
 
     def __post_init__(self) -> None:
         where = f"versions.toml [{self.os_name}]"
@@ -256,6 +266,11 @@ class VersionSet:
         tag = self.torch_cuda_tag(gpu_model) if gpu_model else self.torch_cuda
         return f"{TORCH_INDEX_BASE}/{tag}"
 
+    def torch_spec(self, gpu_model: str = "") -> str:
+        """`torch==2.13.0+cu130`: the exact build (CUDA tag included) this node gets."""
+        tag = self.torch_cuda_tag(gpu_model) if gpu_model else self.torch_cuda
+        return f"torch=={self.torch}+{tag}"
+
     def torch_cuda_version(self, gpu_model: str = "") -> str:
         """What `torch.version.cuda` reports for the build this node gets: `13.0` or `12.6`."""
         return cuda_of_build(self.torch_cuda_tag(gpu_model) if gpu_model else self.torch_cuda)
@@ -292,24 +307,39 @@ def version_set(os_name: str) -> VersionSet:
     return matrix[os_name]
 
 
-def torch_requirement(
-    os_name: str, has_gpu: bool, gpu_model: str = "", existing_driver: str | NodeDriver = ""
-) -> tuple[str, str | None]:
-    """(`torch==X`, wheel index URL) for a node: the CPU build without a GPU; on GPU nodes the CUDA build the
-    node's driver will run after setup (provision/drivers.py choose_driver): the matrix's cu130, or cu126 for
-    Volta/Pascal/Maxwell and for nodes that keep an existing pre-R580 driver (a Deep Learning AMI/VM).
+@dataclass(frozen=True)
+class CpuVersions:
+    """The `[cpu]` table: the torch build every CPU node gets, and the python3 releases it supports."""
 
-    `existing_driver` is Facts.existing_driver (a NodeDriver); a bare version string is taken as a driver
-    apt does not manage (NVIDIA's .run installer, as Deep Learning AMIs/VMs ship), which setup keeps."""
-    vs = version_set(os_name)
-    if not has_gpu:
-        return f"torch=={vs.torch}", f"{TORCH_INDEX_BASE}/cpu"
-    node = existing_driver if isinstance(existing_driver, NodeDriver) else NodeDriver(existing_driver)
-    if node.version:
-        from provision.drivers import choose_driver  # drivers builds on this module
+    torch: str
+    python_min: str
+    python_max: str
 
-        vs = choose_driver(vs, gpu_model, node).versions
-    return f"torch=={vs.torch}", vs.torch_index_url(gpu_model)
+    @property
+    def torch_spec(self) -> str:
+        """`torch==2.13.0+cpu`: the exact build, local label included (PEP 440 ignores a label only when the
+        specifier has none, so `torch==2.13.0` would accept a CUDA build that is already there)."""
+        return f"torch=={self.torch}+cpu"
+
+    @property
+    def torch_index_url(self) -> str:
+        return f"{TORCH_INDEX_BASE}/cpu"
+
+    def supports_python(self, version: str) -> bool:
+        minor = parse_version(version)[:2]
+        return parse_version(self.python_min)[:2] <= minor <= parse_version(self.python_max)[:2]
+
+
+@functools.cache
+def cpu_versions(path: Path = VERSIONS_FILE) -> CpuVersions:
+    try:
+        row = tomllib.loads(path.read_text()).get("cpu")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise MatrixError(f"cannot read the version matrix {path}: {exc}") from exc
+    names = {f.name for f in fields(CpuVersions)}
+    if not isinstance(row, dict) or set(row) != names:
+        raise MatrixError(f"{path.name} [cpu] needs exactly the keys {sorted(names)}")
+    return CpuVersions(**{k: str(v) for k, v in row.items()})
 
 
 @dataclass(frozen=True)
@@ -369,6 +399,7 @@ def matrix_table() -> list[dict[str, str]]:
             "torch_index_url": vs.torch_index_url(),
             "efa_installer": vs.efa_installer,
             "aws_ofi_nccl": vs.aws_ofi_nccl,
+            "gdrcopy": vs.gdrcopy,
             "python": vs.python,
             "image_family": image_family(os_name),
         })
@@ -378,7 +409,7 @@ def matrix_table() -> list[dict[str, str]]:
 def matrix_markdown() -> str:
     """The matrix as a Markdown table (README)."""
     rows = matrix_table()
-    keys = ["os", "driver", "fabric_manager", "cuda", "nccl", "torch", "efa_installer", "aws_ofi_nccl", "python"]
+    keys = ["os", "driver", "fabric_manager", "cuda", "nccl", "torch", "efa_installer", "aws_ofi_nccl", "gdrcopy", "python"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(row[k] for k in keys) + " |" for row in rows]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from workloads import data as D
+from workloads.environment import node_environment
 from workloads.checkpoint import CheckpointManager
 from workloads.config import TrainConfig
 from workloads.errors import ConfigError, WorkloadError
@@ -299,6 +300,7 @@ class Trainer:
             summary.update(val_accuracy=val["accuracy"], test_loss=test["loss"], test_accuracy=test["accuracy"])
             self.log_eval(test, kind="test")
         summary["param_sha256_by_rank"] = self.check_replicas()
+        summary["environment"] = node_environment()  # torch/CUDA/NCCL/driver and the node lock it ran with
         if rt.is_main:
             summary["files"] = self.write_model_files(summary)
             self.run.write_bytes("summary.json", json.dumps(summary, indent=2).encode())

@@ -42,10 +42,11 @@ CLUSTER_HELP = "cluster name, hosts .yaml, stack output .json or pulumi:STACK (d
             "project": "GCP project", "hosts": "register machines you already have (a hosts .yaml)",
             "image": "boot this image (AMI id / GCE image path); a later up that changes it is a roll, previewed",
             "roll_image": "move the nodes to the newest usable image (previewed, confirmed; replaces the nodes)",
-            "yes": "skip the confirmations"},
+            "yes": "skip the confirmations",
+            "login_user": "local only: VM-like nodes that log in as this sudo user and get the cloud plan (needs root)"},
       iterable=["ssh_cidr"])
 def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region="", zone="", spot=False, disk_gb=0,
-       os="", ssh_cidr=None, project="", hosts="", image="", roll_image=False, yes=False):
+       os="", ssh_cidr=None, project="", hosts="", image="", roll_image=False, yes=False, login_user=""):
     """Create a cluster (local, aws, gcp) or register existing machines, and select it. A later up of a cloud
     cluster keeps its config, zone and image, and changes what is given."""
     from provision.clusters import create_cloud_cluster, create_local, register_hosts
@@ -56,8 +57,11 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
         if hosts:
             cluster = register_hosts(home, Path(hosts))
         elif not cloud or cloud == "local":
-            cluster = create_local(home, name or "local", count or 2)
+            cluster = create_local(home, name or "local", count or 2, login_user=login_user)
         else:
+            first_up = not (inventory.cluster_dir(home, name or f"{cloud}-gpu") / "registration.json").exists()
+            if not instance_type and first_up:
+                raise Exit(f"error: {cli.type_choices(cloud)}", code=2)
             given = {"nodes": count, "instance_type": instance_type, "accelerator": accelerator, "region": region,
                      "zone": zone, "spot": spot, "disk_gb": int(disk_gb or 0), "os": os,
                      "ssh_cidrs": list(ssh_cidr or []), "project": project, "image": image}
@@ -101,7 +105,8 @@ def use(c, cluster):
     """Select the cluster later commands use."""
     home = inventory.home_dir()
     with cli.user_errors():
-        chosen = inventory.resolve(home, cluster)
+        source = inventory.cluster_from_source(cluster, home)  # a hosts file or stack: remembered from now on
+        chosen = inventory.register(home, inventory.attach(home, source)) if source else inventory.resolve(home, cluster)
         inventory.select(home, chosen.name)
         cli.console().print(f"selected cluster [bold]{chosen.name}[/] ({chosen.cloud}, {len(chosen.nodes)} nodes)")
 
@@ -118,8 +123,11 @@ def clusters(c):
             "instance_type": "with --dry-run and no cluster: the plan for a fresh VM of this type",
             "os": "with --instance-type: ubuntu-22.04 or ubuntu-24.04", "cloud": "with --instance-type: aws or gcp",
             "accelerator": "with --instance-type on GCP n1: e.g. nvidia-tesla-t4:1",
-            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)"})
-def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False):
+            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)",
+            "pip_index": "package index for the nodes: a URL (mirror/proxy) or `node` (the node's own pip config); "
+                         "default $GPUFORGE_PIP_INDEX, then the hosts file's pip_index"})
+def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False,
+          pip_index=""):
     """Configure every node: driver, CUDA, NCCL, EFA, Python env, our code, verify (idempotent)."""
     from provision.setup import check_cluster_allreduce, setup_cluster
 
@@ -129,17 +137,20 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
             report.print_type_plan(cloud, instance_type, os, accelerator)
             return
         chosen = inventory.resolve(home, cluster)
+        from provision.pip_index import resolve_pip_index
+
+        resolve_pip_index(pip_index, str(chosen.extra.get("pip_index") or ""))  # a bad value stops here, before SSH
         started = time.monotonic()
         with report.SetupProgress(chosen) as progress:
-            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event)
+            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event, pip_index=pip_index)
         report.print_setup(chosen, reports, dry_run, time.monotonic() - started)
         if any(not r.ok for r in reports):
             raise Exit(code=1)
         if not dry_run:
-            result = check_cluster_allreduce(chosen, home, reports, force=allreduce)
+            result = check_cluster_allreduce(chosen, home, reports, force=allreduce, pip_index=pip_index)
             if result is not None:
                 print(result.table)
-                cli.console().print(f"cluster [bold]{chosen.name}[/] is ready: all-reduce passed across {len(chosen.nodes)} node(s)")
+                cli.console().print(f"cluster [bold]{chosen.name}[/] is ready: {result.verdict}")
 
 
 @task(help={"cloud": "aws or gcp", "os": "ubuntu-22.04 or ubuntu-24.04", "instance_type": "builder type (a GPU type)",
@@ -174,5 +185,5 @@ def doctor(c, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
-        if not report.print_checks(run_checks(home, cluster)):
+        if not report.print_checks(*run_checks(home, cluster)):
             raise Exit(code=1)

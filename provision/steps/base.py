@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from provision.errors import StepError
 
@@ -26,11 +27,17 @@ class Cmd:
     """One shell command of a step's plan."""
 
     run: str
+    """A shell command line (pipes, `&&`, redirects allowed): the whole of it runs as root when `sudo` is set."""
     sudo: bool = False
+    """Run the whole line as root, through `root_command` (never a `sudo` prefix on the first word)."""
     desc: str = ""
     timeout: float | None = None
     reboot: bool = False
     """This command reboots the node; the runner waits for SSH to go down and come back."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables set inside the command's shell (after sudo, which resets the environment)."""
+    reboot_when: str = ""
+    """For a reboot: only when the previous command printed this (an installer that asks for a reboot)."""
 
 
 @dataclass
@@ -56,8 +63,43 @@ class StepContext:
         return f"{self.venv}/bin/python"
 
     @property
-    def is_local(self) -> bool:
-        return self.cluster.cloud == "local"
+    def shares_controller(self) -> bool:
+        """A quick-mode local node: it sees this machine's files as the controller does and borrows the
+        controller's Python packages. Every other node (a cloud VM, a machine of a hosts file, a VM-like local
+        node) is a machine of its own and gets the full plan, whatever `cluster.cloud` says."""
+        return node_mode(self.cluster) == CONTROLLER_MODE
+
+
+CONTROLLER_MODE, MACHINE_MODE = "controller", "machine"
+
+
+def node_mode(cluster: ClusterInfo) -> str:
+    """What the cluster's nodes are: `controller` (quick local nodes) or `machine` (their own disk and packages).
+    The local provider records it in `extra["node_mode"]`; records written before it existed are quick-mode
+    when local."""
+    mode = cluster.extra.get("node_mode")
+    if mode in (CONTROLLER_MODE, MACHINE_MODE):
+        return mode
+    return CONTROLLER_MODE if cluster.cloud == "local" else MACHINE_MODE
+
+
+def root_command(command: str, env: Mapping[str, str] | tuple[tuple[str, str], ...] = (), login_root: bool = False) -> str:
+    """The one way gpuforge runs something as root: the whole command line inside `sh -c`, under `sudo -n`
+    unless the login already is root, with `env` exported inside that shell (sudo resets the environment).
+
+        >>> root_command("apt-get update && apt-get install -y x", {"DEBIAN_FRONTEND": "noninteractive"})
+        "sudo -n sh -c 'export DEBIAN_FRONTEND=noninteractive; apt-get update && apt-get install -y x'"
+
+    `sudo -n` fails at once with "a password is required" instead of waiting for a password nobody types."""
+    pairs = env.items() if isinstance(env, Mapping) else env
+    exports = " ".join(f"{key}={shlex.quote(str(value))}" for key, value in pairs)
+    script = f"export {exports}; {command}" if exports else command
+    shell = f"sh -c {shlex.quote(script)}"
+    return shell if login_root else f"sudo -n {shell}"
+
+
+def login_is_root(conn: Any) -> bool:
+    return getattr(conn, "user", "") == "root"
 
 
 def fingerprint_of(*parts: Any) -> str:
@@ -99,12 +141,28 @@ class Step:
         run_plan(conn, ctx, self.name, self.plan(ctx))
 
 
+def command_line(conn: Any, cmd: Cmd) -> str:
+    """What is sent to the node for `cmd`: root commands through root_command, others as they are
+    (their env exported in front)."""
+    if cmd.sudo:
+        return root_command(cmd.run, cmd.env, login_root=login_is_root(conn))
+    if cmd.env:
+        exports = " ".join(f"{key}={shlex.quote(value)}" for key, value in cmd.env)
+        return f"export {exports}; {cmd.run}"
+    return cmd.run
+
+
+SUDO_NEEDS_PASSWORD = "a password is required"
+
+
 def run_cmd(conn: Any, node: str, step: str, cmd: Cmd) -> Any:
     """Run one Cmd; a non-zero exit raises StepError with the command and its output tail."""
-    runner = conn.sudo if cmd.sudo else conn.run
-    result = runner(cmd.run, hide=True, warn=True, timeout=cmd.timeout, in_stream=False)
+    result = conn.run(command_line(conn, cmd), hide=True, warn=True, timeout=cmd.timeout, in_stream=False)
     if result.exited != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        if cmd.sudo and SUDO_NEEDS_PASSWORD in result.stderr:
+            tail = (f"{tail}\nthe login user {getattr(conn, 'user', '?')} needs passwordless sudo for this step "
+                    "(as cloud images give their default user)")
         raise StepError(node, step, cmd.run, result.exited, tail)
     return result
 
@@ -112,10 +170,14 @@ def run_cmd(conn: Any, node: str, step: str, cmd: Cmd) -> Any:
 def run_plan(conn: Any, ctx: StepContext, step: str, cmds: list[Cmd]) -> None:
     """Run a plan's commands in order. Reboot commands are handled by the runner's reboot hook."""
     reboot = ctx.options.get("reboot_hook")
+    said = ""
     for cmd in cmds:
         if cmd.reboot:
+            if cmd.reboot_when and cmd.reboot_when not in said:
+                continue
             if reboot is None:
                 raise StepError(ctx.node.name, step, cmd.run, None, "a reboot is needed but no reboot hook is set")
             reboot(conn, ctx, cmd)
         else:
-            run_cmd(conn, ctx.node.name, step, cmd)
+            result = run_cmd(conn, ctx.node.name, step, cmd)
+            said = f"{result.stdout}\n{result.stderr}"

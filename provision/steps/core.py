@@ -9,13 +9,14 @@ import sysconfig
 from pathlib import PurePosixPath
 from typing import Any
 
+from provision.drivers import torch_requirement
+from provision.node_lock import LOCK_NAME, lock_digest, lock_requirements
+from provision.pip_index import PIP_RETRIES, PIP_TIMEOUT_S, pip_index_args, probe_script
+from provision.steps.apt import apt_install, wait_for_cloud_init
 from provision.steps.base import Cmd, Step, StepContext, fingerprint_of, run_cmd, run_plan
-from provision.versions import torch_requirement
 
-# What a node's venv needs besides torch (the `train` extra of pyproject.toml, minus torch, whose
-# build comes from the version matrix) and what the supervisor and trainer import.
-NODE_PACKAGES = ("numpy", "scikit-learn", "tensorboard", "boto3", "google-cloud-storage", "pydantic", "rich", "pyyaml")
 SOURCE_STAMP = "gpuforge-source.txt"  # in the venv: the source fingerprint of the installed wheel
+LOCK_STAMP = "gpuforge-lock.txt"  # in the venv: the digest of the node lock it was installed from
 
 
 def q(path: str) -> str:
@@ -29,14 +30,17 @@ class BaseStep(Step):
     def plan(self, ctx: StepContext) -> list[Cmd]:
         w = q(ctx.workdir)
         dirs = f"{w}/.gpuforge/markers {w}/runs {w}/wheels"
-        if ctx.is_local:
+        if ctx.shares_controller:
             return [Cmd(f"mkdir -p {dirs}", desc="node directories")]
+        first_boot = [wait_for_cloud_init()] if ctx.facts is not None and ctx.facts.cloud_init else []
         return [
-            Cmd(f"mkdir -p {w} && chown $SUDO_UID:$SUDO_GID {w}", sudo=True, desc="work directory owned by the login user"),
+            *first_boot,
+            Cmd(f'mkdir -p {w} && chown "${{SUDO_UID:-$(id -u)}}:${{SUDO_GID:-$(id -g)}}" {w}', sudo=True,
+                desc="work directory owned by the login user"),
             Cmd(f"mkdir -p {dirs}", desc="node directories"),
-            Cmd("python3 -c 'import ensurepip, venv' 2>/dev/null || (DEBIAN_FRONTEND=noninteractive apt-get update -q"
-                " && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip)",
-                sudo=True, desc="python3 with venv", timeout=600),
+            Cmd("python3 -c 'import ensurepip, venv' 2>/dev/null || { "
+                + apt_install("python3-venv", "python3-pip", desc="").run + "; }",
+                sudo=True, desc="python3 with venv", timeout=600, env=apt_install(desc="").env),
         ]
 
     def check(self, conn: Any, ctx: StepContext) -> bool:
@@ -45,48 +49,78 @@ class BaseStep(Step):
 
 class PythonEnvStep(Step):
     name = "python_env"
-    description = "a venv in the node directory with torch at the matrix's version"
+    description = "a venv in the node directory: torch at the matrix's exact build and the node lock"
 
-    def expected_torch(self, ctx: StepContext) -> tuple[str, str | None]:
-        if ctx.is_local:
-            return ctx.options["controller_torch"], None
+    def expected_torch(self, ctx: StepContext) -> tuple[str, str]:
+        """(`torch==2.13.0+cpu`, its wheel index); quick local nodes take the controller's torch."""
+        if ctx.shares_controller:
+            return ctx.options["controller_torch"], ""
         facts = ctx.facts
         return torch_requirement(facts.os_name, facts.has_gpu, facts.gpu_model, facts.existing_driver)
 
+    def requirements_file(self, ctx: StepContext) -> str:
+        return f"{ctx.workdir}/{LOCK_NAME}"
+
     def plan(self, ctx: StepContext) -> list[Cmd]:
         venv, py = q(ctx.venv), q(ctx.python)
-        if ctx.is_local:
+        if ctx.shares_controller:
             site = PurePosixPath(ctx.venv) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-            # Local nodes share the controller's packages (torch is not installed twice): a .pth line.
+            # Local nodes share the controller's packages (torch is not installed twice): a .pth line,
+            # after the venv's own site-packages, so what a task's setup pip-installs there wins.
             return [
                 Cmd(f"{q(ctx.options['controller_python'])} -m venv --without-pip {venv}", desc="venv"),
                 Cmd(f"echo {q(ctx.options['controller_site'])} > {q(str(site / 'gpuforge-controller.pth'))}",
                     desc="controller site-packages on the node's path"),
+                Cmd(local_pip_command(ctx.venv), desc="pip and pip3 that install into the node venv"),
             ]
-        torch_spec, index = self.expected_torch(ctx)
-        index_arg = f" --index-url {q(index)}" if index else ""
+        torch_spec, torch_index = self.expected_torch(ctx)
+        index_args, probe_url = pip_index_args(ctx.options.get("pip_index", ""), torch_index)
+        requirements = q(self.requirements_file(ctx))
+        body = " ".join(q(line) for line in lock_requirements())
+        pip = (f"{py} -m pip install --quiet --disable-pip-version-check --retries {PIP_RETRIES} "
+               f"--timeout {PIP_TIMEOUT_S}{' ' + index_args if index_args else ''}")
         return [
             Cmd(f"python3 -m venv {venv}", desc="venv"),
-            Cmd(f"{py} -m pip install --quiet --upgrade pip", desc="pip", timeout=600),
-            Cmd(f"{py} -m pip install --quiet {q(torch_spec)}{index_arg}", desc="torch", timeout=1800),
-            Cmd(f"{py} -m pip install --quiet {' '.join(NODE_PACKAGES)}", desc="node packages", timeout=900),
+            Cmd(f'printf "%s\\n" {body} > {requirements}', desc="the node lock (provision/data/node-requirements.txt)"),
+            *([Cmd(probe_script(probe_url), desc="the package index answers (else fail now, not after pip's retries)",
+                   timeout=60)] if probe_url else []),
+            Cmd(f"{pip} -r {requirements} {q(torch_spec)}", desc=f"{torch_spec} and the locked packages", timeout=1800),
+            Cmd(f"echo {lock_digest()} > {q(ctx.venv + '/' + LOCK_STAMP)}", desc="record the lock it was installed from"),
         ]
 
     def fingerprint(self, ctx: StepContext) -> str:
-        return fingerprint_of(self.name, [c.run for c in self.plan(ctx)], self.expected_torch(ctx))
+        if ctx.shares_controller:
+            return fingerprint_of(self.name, [c.run for c in self.plan(ctx)], self.expected_torch(ctx))
+        return fingerprint_of(self.name, self.expected_torch(ctx)[0], lock_digest())
 
     def check(self, conn: Any, ctx: StepContext) -> bool:
-        """The venv's python runs, and torch is the expected release: read from the installed
-        distribution's folder name (no interpreter start, which would cost ~60 ms per node)."""
-        if ctx.is_local:
-            probe = f"test -x {q(ctx.python)} && cat {q(ctx.venv)}/lib/python3*/site-packages/gpuforge-controller.pth"
+        """The venv's python runs, torch is the expected build (local label included: `2.13.0+cu126` is not
+        `2.13.0+cu130`), and the venv was installed from this lock. Read from the installed distribution's
+        folder name and a stamp (no interpreter start, which would cost ~60 ms per node)."""
+        if ctx.shares_controller:
+            probe = (f"test -x {q(ctx.python)} && test -x {q(ctx.venv)}/bin/pip && "
+                     f"cat {q(ctx.venv)}/lib/python3*/site-packages/gpuforge-controller.pth")
             result = conn.run(probe, hide=True, warn=True)
             return result.ok and result.stdout.strip() == ctx.options["controller_site"]
-        probe = f"test -x {q(ctx.python)} && ls -d {q(ctx.venv)}/lib/python3*/site-packages/torch-*.dist-info"
+        probe = (f"test -x {q(ctx.python)} && cat {q(ctx.venv + '/' + LOCK_STAMP)} && "
+                 f"ls -d {q(ctx.venv)}/lib/python3*/site-packages/torch-*.dist-info")
         result = conn.run(probe, hide=True, warn=True)
-        found = result.stdout.strip().rsplit("/torch-", 1)[-1].removesuffix(".dist-info") if result.ok else ""
-        want = self.expected_torch(ctx)[0].split("==")[-1]
-        return bool(found) and found.split("+")[0] == want.split("+")[0]
+        lines = result.stdout.split() if result.ok else []
+        if len(lines) != 2 or lines[0] != lock_digest():
+            return False
+        found = lines[1].rsplit("/torch-", 1)[-1].removesuffix(".dist-info")
+        return found == self.expected_torch(ctx)[0].split("==", 1)[1]
+
+
+# The borrowed pip (the controller's, on the node's path) run by the node venv's python installs into
+# the node venv: pip installs into sys.prefix, and leaves packages outside it alone.
+PIP_SCRIPT = "#!{python}\nimport sys\nfrom pip._internal.cli.main import main\nsys.exit(main())\n"
+
+
+def local_pip_command(venv: str) -> str:
+    script = PIP_SCRIPT.format(python=f"{venv}/bin/python")
+    return " && ".join(f"printf %s {q(script)} > {q(venv)}/bin/{name} && chmod 755 {q(venv)}/bin/{name}"
+                       for name in ("pip", "pip3"))
 
 
 class WorkloadStep(Step):

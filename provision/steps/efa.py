@@ -23,6 +23,7 @@ EFA_KEY_FINGERPRINT = "4E9091BCBB97A96B26B15E59A05480B1DD2D3CCC"
 EFA_KEY_FILE = f"{CACHE_DIR}/aws-efa-installer.key"
 EFA_DIR = f"{CACHE_DIR}/aws-efa-installer"
 FI_INFO = "/opt/amazon/efa/bin/fi_info"
+EFA_REBOOT_REQUEST = "Please reboot to complete the installation"  # efa_installer.sh's closing banner
 # Ubuntu ships /etc/sysctl.d/10-ptrace.conf with ptrace_scope = 1; a later file overrides it without
 # editing a distro conffile. ptrace_scope=0 lets libfabric's shared-memory provider use cross-memory
 # attach between a job's processes (EC2 User Guide, "Get started with EFA and MPI": disable ptrace protection).
@@ -106,16 +107,18 @@ class EfaStep(Step):
     def plan(self, ctx: StepContext) -> list[Cmd]:
         env_dir = NCCL_ENV_FILE.rsplit("/", 1)[0]
         kept = self.installer_kept(ctx)
-        cmds = [] if kept else self.plan_installer(ctx)
-        cmds += [
+        cmds = [
             write_file(PTRACE_SYSCTL_FILE, ["kernel.yama.ptrace_scope = 0"], desc="allow cross-memory attach at boot"),
             Cmd("sysctl -w kernel.yama.ptrace_scope=0", sudo=True, desc="and now"),
             Cmd(f"install -d -m 0755 {env_dir}", sudo=True, desc="gpuforge configuration directory"),
             write_file(NCCL_ENV_FILE, nccl_env_lines(efa_rdma(ctx)), desc="NCCL environment the launcher sources"),
         ]
         if not kept:
-            cmds.append(Cmd("reboot", sudo=True, reboot=True,
-                            desc="load the new EFA kernel module (setup waits for SSH, then continues)"))
+            # The installer reloads the EFA module itself and says "Please reboot to complete the installation"
+            # only when it could not (efa_installer.sh NEED_REBOOT); the driver step's reboot came before.
+            cmds += [*self.plan_installer(ctx),
+                     Cmd("reboot", sudo=True, reboot=True, reboot_when=EFA_REBOOT_REQUEST,
+                         desc="only if the installer asked for it (setup waits for SSH, then continues)")]
         cmds.append(sh(
             f"{FI_INFO} -p efa -t FI_EP_RDM >/dev/null || "
             '{ echo "no EFA device answers: launch the instance with EFA network interfaces" >&2; exit 1; }; '

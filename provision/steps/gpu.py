@@ -1,10 +1,11 @@
 """The GPU steps, in the order they run on a node (after facts and base, around python_env):
 
-    nvidia-repo, nvidia-driver, fabric-manager, efa, cuda-toolkit   system software (GPU_SYSTEM_STEPS)
-    gpu-verify                                                       needs the node venv's torch (GPU_VERIFY_STEP)
+    nvidia-repo, nvidia-driver, fabric-manager, cuda-toolkit, gdrcopy, efa   system software (GPU_SYSTEM_STEPS)
+    gpu-verify                                                                needs the node venv's torch
 
-Each one skips itself on nodes without an NVIDIA GPU; fabric-manager only runs on NVSwitch systems and
-efa only where EFA exists. `allreduce_command` gives the cross-node check the runner starts afterwards.
+Each one skips itself on nodes without an NVIDIA GPU; fabric-manager only runs on NVSwitch systems, gdrcopy
+and efa only where EFA exists (in the EC2 guide's order: driver and CUDA, then GDRCopy, then the EFA installer;
+one reboot, the driver's, unless the EFA installer asks for another). `allreduce_command` gives the cross-node check the runner starts afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from provision.steps.base import Step
 from provision.steps.cuda import CudaToolkitStep
 from provision.steps.efa import EfaStep, nccl_env, nccl_env_lines
+from provision.steps.gdrcopy import GdrcopyStep
 from provision.steps.gpu_verify import GpuVerifyStep, allreduce_command
 from provision.steps.nvidia import FabricManagerStep, NvidiaDriverStep, NvidiaRepoStep
 
@@ -19,8 +21,9 @@ GPU_STEPS: list[Step] = [
     NvidiaRepoStep(),
     NvidiaDriverStep(),
     FabricManagerStep(),
-    EfaStep(),
     CudaToolkitStep(),
+    GdrcopyStep(),
+    EfaStep(),
     GpuVerifyStep(),
 ]
 GPU_SYSTEM_STEPS: list[Step] = GPU_STEPS[:-1]
@@ -35,6 +38,7 @@ __all__ = [
     "CudaToolkitStep",
     "EfaStep",
     "FabricManagerStep",
+    "GdrcopyStep",
     "GpuVerifyStep",
     "NvidiaDriverStep",
     "NvidiaRepoStep",

@@ -1,7 +1,8 @@
-"""Helpers the GPU steps share: apt commands, file writes, probes, and what a step knows about its node.
+"""Helpers the GPU steps share: file writes, probes, holds, and what a step knows about its node.
 
-Every command is a plain string a user could paste after `sudo` (for Cmd.sudo) or as is; quoting is
-done with shlex so that nothing is left to a second shell's interpretation by accident.
+A root command (Cmd.sudo) is a whole shell line that runs as root through base.root_command; quoting is done
+with shlex so that nothing is left to a second shell's interpretation by accident. apt runs through
+provision/steps/apt.py (cloud-init, lock waits, bounded retries).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from provision.facts import SECTION, split_sections
+from provision.steps.apt import apt_install  # noqa: F401 - the GPU steps import apt_install from here
 from provision.steps.base import Cmd
 from provision.drivers import DriverChoice, choose_driver
 from provision.versions import NodeDriver, VersionSet, gpu_family, parse_version, version_set
@@ -21,19 +23,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-APT_ENV = "DEBIAN_FRONTEND=noninteractive"
-# A fresh cloud VM runs unattended-upgrades/cloud-init for its first minutes, holding the dpkg lock;
-# wait for it (apt >= 1.9.11, so jammy and noble) instead of failing with "Could not get lock".
-APT_LOCK_WAIT = "-o DPkg::Lock::Timeout=600"
-# apt-get install may download GBs (driver + toolkit ~4 GB); bound it so a stuck mirror fails the step.
-APT_TIMEOUT = 1800.0
 CACHE_DIR = "/var/cache/gpuforge"
 """Root-owned download directory on nodes (not /tmp: a predictable path there could be pre-planted)."""
 
 
 def sh(script: str, sudo: bool = False, desc: str = "", timeout: float | None = None) -> Cmd:
-    """A command that needs a shell (pipes, redirects, tests) run as `sh -c '<script>'`."""
-    return Cmd(f"sh -c {shlex.quote(script)}", sudo=sudo, desc=desc, timeout=timeout)
+    """A command that needs a POSIX shell (pipes, redirects, tests): as root the whole script goes to
+    root_command's `sh -c`; as the login user it is wrapped in `sh -c '<script>'` (the login shell may be any)."""
+    if sudo:
+        return Cmd(script, sudo=True, desc=desc, timeout=timeout)
+    return Cmd(f"sh -c {shlex.quote(script)}", desc=desc, timeout=timeout)
 
 
 def dquote(text: str) -> str:
@@ -48,18 +47,8 @@ def write_file(path: str, lines: list[str], desc: str) -> Cmd:
     return sh(f'printf "%s\\n" {body} > {path}', sudo=True, desc=desc)
 
 
-def apt_install(*specs: str, desc: str, raw: tuple[str, ...] = ()) -> Cmd:
-    """`apt-get install` of `specs` (quoted) and `raw` words (left for the shell, e.g. `$(uname -r)`).
-
-    --allow-change-held-packages: our own holds from an earlier matrix must not block the new pin;
-    --allow-downgrades: the pin may be older than what an image brought along on the same branch."""
-    words = [shlex.quote(s) for s in specs] + list(raw)
-    run = (f"{APT_ENV} apt-get install -y {APT_LOCK_WAIT} --allow-change-held-packages --allow-downgrades "
-           f"{' '.join(words)}")
-    return Cmd(run, sudo=True, desc=desc, timeout=APT_TIMEOUT)
-
-
 def apt_hold(*packages: str) -> Cmd:
+    """`apt-mark hold`: unattended upgrades and `apt upgrade` then leave the pinned packages alone."""
     return Cmd(f"apt-mark hold {' '.join(packages)}", sudo=True, desc="hold them so apt upgrades leave them alone")
 
 
@@ -70,7 +59,8 @@ def pinned(package: str, version: str) -> str:
 
 def probe_command(sections: dict[str, str]) -> str:
     """One read-only command that runs several shell snippets and tags each one's output."""
-    script = "; ".join(f"echo '{SECTION}{name}'; {snippet}" for name, snippet in sections.items())
+    # A newline before each tag: a snippet whose output has none (dpkg-query -f='${Status}') must not swallow it.
+    script = "; ".join(f"printf '\\n{SECTION}{name}\\n'; {snippet}" for name, snippet in sections.items())
     return f"sh -c {shlex.quote(script)}"
 
 

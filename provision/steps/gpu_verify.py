@@ -31,6 +31,15 @@ for i in range(want_gpus):
 """
 
 
+def gpu_count_script(n: int) -> str:
+    """nvidia-smi must succeed and list `n` GPU indexes: only lines that are a bare index count (an error line
+    such as "Unable to determine the device handle for GPU0000:10:1C.0: Unknown Error" is not a GPU)."""
+    return ('gf_out=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>&1) || '
+            '{ echo "nvidia-smi failed: $gf_out" >&2; exit 1; }; '
+            "n=$(printf '%s\\n' \"$gf_out\" | grep -cxE '[[:space:]]*[0-9]+[[:space:]]*'); "
+            f'[ "$n" -eq {n} ] || {{ echo "nvidia-smi sees $n GPUs, expected {n}: $gf_out" >&2; exit 1; }}')
+
+
 class GpuVerifyStep(Step):
     name = "gpu-verify"
     description = "nvidia-smi sees every GPU; torch.cuda works and multiplies matrices on each"
@@ -49,9 +58,7 @@ class GpuVerifyStep(Step):
         n = expected_gpu_count(ctx)
         cuda = vs.torch_cuda_version(gpu_model_of(ctx))
         return [
-            sh(f"n=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l); "
-               f'[ "$n" -eq {n} ] || {{ echo "nvidia-smi sees $n GPUs, expected {n}" >&2; exit 1; }}',
-               desc=f"verify: nvidia-smi lists all {n} GPUs"),
+            sh(gpu_count_script(n), desc=f"verify: nvidia-smi lists all {n} GPUs"),
             Cmd(f"{ctx.python} -c {shlex.quote(TORCH_CHECK)} {n} {cuda}", timeout=300.0,
                 desc=f"verify: torch {vs.torch} (CUDA {cuda}) sees {n} GPUs and runs a matmul on each"),
         ]
@@ -66,6 +73,8 @@ def allreduce_command(
     nproc: int,
     sizes: str = DEFAULT_SIZES,
     iters: int = DEFAULT_ITERS,
+    backend: str = "auto",
+    nccl_debug: bool = False,
 ) -> str:
     """The command one node runs for the cluster all-reduce check (start it on every node, rank 0's
     private address as master): torchrun with static rendezvous running provision.allreduce, after
@@ -73,6 +82,8 @@ def allreduce_command(
     run = (
         f"{ctx.python} -m torch.distributed.run --nnodes={nnodes} --nproc-per-node={nproc} "
         f"--node-rank={node_rank} --master-addr={shlex.quote(master_addr)} --master-port={master_port} "
-        f"--max-restarts=0 -m provision.allreduce --sizes {shlex.quote(sizes)} --iters {iters}"
+        f"--max-restarts=0 -m provision.allreduce --sizes {shlex.quote(sizes)} --iters {iters} --backend {backend}"
     )
-    return "sh -c " + shlex.quote(f"if [ -r {NCCL_ENV_FILE} ]; then . {NCCL_ENV_FILE}; fi; exec {run}")
+    # NCCL_DEBUG=INFO names the transport NCCL chose (NET/OFI + provider on EFA): the readiness check reads it.
+    debug = "export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET; " if nccl_debug else ""
+    return "sh -c " + shlex.quote(f"{debug}if [ -r {NCCL_ENV_FILE} ]; then . {NCCL_ENV_FILE}; fi; exec {run}")

@@ -20,6 +20,7 @@ from provision.errors import MatrixError
 from provision.facts import FABRIC_MANAGER_PROBE, parse_driver_flavor, parse_fabric_manager
 from provision.steps.base import Cmd, Step, StepContext, fingerprint_of
 from provision.steps.cuda import cuda_installs
+from provision.steps.apt import apt_update
 from provision.steps.gpu_common import (
     CACHE_DIR,
     apt_hold,
@@ -95,7 +96,7 @@ class NvidiaRepoStep(Step):
                 desc="NVIDIA's CUDA repository keyring (the signing key and the apt source)"),
             apt_install(deb, desc="install the keyring (apt waits for the dpkg lock; plain dpkg -i would not)"),
             write_file(APT_PIN_FILE, pin_lines(vs), desc=f"pin NVIDIA driver packages to {vs.driver_version}"),
-            Cmd("apt-get update", sudo=True, desc="read the new repository", timeout=600.0),
+            apt_update(desc="read the new repository"),
         ]
 
 

@@ -30,7 +30,7 @@ def test_two_process_gloo_run_prints_table_and_json():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0] == "all-reduce float32 over gloo: 2 ranks on 1 node(s), busbw = algbw * 2(n-1)/n"
+    assert lines[0] == "all-reduce float32 over gloo: 2 ranks on 1 node, busbw = algbw * 2(n-1)/n"
     assert lines[1].split() == ["size", "bytes", "time(us)", "algbw(GB/s)", "busbw(GB/s)"]
     assert [line.split()[:2] for line in lines[2:4]] == [["4K", "4096"], ["64K", "65536"]]
     record = parse_allreduce_output(proc.stdout)

@@ -73,14 +73,22 @@ def test_driver_verify_snippet(tmp_path, loaded, ok):
         assert "expected 580.167.08" in proc.stderr
 
 
-@pytest.mark.parametrize("gpus, ok", [(8, True), (7, False)])
-def test_gpu_count_verify_snippet(tmp_path, gpus, ok):
+ERROR_LINE = "Unable to determine the device handle for GPU0000:10:1C.0: Unknown Error"
+
+
+@pytest.mark.parametrize(
+    "lines, ok, said",
+    [([str(i) for i in range(8)], True, ""),
+     ([str(i) for i in range(7)], False, "nvidia-smi sees 7 GPUs, expected 8"),
+     # Regression (issue 8, defect 6): `wc -l` counted this error line as the eighth GPU.
+     ([str(i) for i in range(7)] + [ERROR_LINE], False, "nvidia-smi sees 7 GPUs, expected 8")],
+)
+def test_gpu_count_verify_snippet(tmp_path, lines, ok, said):
     ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
     count = STEPS["gpu-verify"].plan(ctx)[0]
-    proc = sh(shlex.split(count.run)[2], env=fake_nvidia_smi(tmp_path, [str(i) for i in range(gpus)]))
+    proc = sh(shlex.split(count.run)[2], env=fake_nvidia_smi(tmp_path, lines))
     assert (proc.returncode == 0) is ok
-    if not ok:
-        assert "nvidia-smi sees 7 GPUs, expected 8" in proc.stderr
+    assert said in proc.stderr
 
 
 def test_torch_check_fails_loudly_when_torch_cannot_use_cuda():
@@ -148,3 +156,13 @@ def test_kept_toolkit_verify_snippet(tmp_path):
     assert sh(script).returncode == 0
     (tmp_path / "cuda-12.8" / "lib" / "libnccl.so.2.26.2").unlink()
     assert sh(script.replace("/usr/lib/x86_64-linux-gnu/", f"{tmp_path}/none/")).returncode != 0
+
+
+def test_probe_sections_survive_output_without_a_final_newline():
+    """Found by executing the plans (issue 8): `dpkg-query -f='${Status}'` prints no newline, which glued the next
+    section's tag to it, so nvidia-repo's check never passed and every setup re-ran it."""
+    from provision.facts import split_sections
+    from provision.steps.gpu_common import probe_command
+
+    out = sh(probe_command({"keyring": "printf 'install ok installed'", "sources": "echo deb https://x /"})).stdout
+    assert split_sections(out) == {"keyring": "install ok installed", "sources": "deb https://x /"}

@@ -144,8 +144,11 @@ def test_cleanup_tries_every_action_and_reports_what_is_left():
 
 
 def test_seal_removes_the_bake_key_and_resets_cloud_init():
+    from provision.steps.base import root_command
+
     commands = seal_commands("bake-261123-153000-ab12")
-    ctx = MockContext(run={commands[0][0]: Result()}, sudo={commands[1][0]: Result()})
+    # The cloud-init line is compound (`if ...; then ...; fi`): the whole of it goes through root_command.
+    ctx = MockContext(run={commands[0][0]: Result(), root_command(commands[1][0]): Result()}, sudo={})
     seal_builder(ctx, "bake-261123-153000-ab12")
     assert "/ bake-261123-153000-ab12$/d" in commands[0][0] and "cloud-init clean" in commands[1][0]
     failing = MockContext(run={commands[0][0]: Result(exited=1, stderr="no such file")}, sudo={})

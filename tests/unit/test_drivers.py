@@ -57,8 +57,8 @@ def test_kept_r570_gets_the_cuda_12_6_stack_and_says_why():
          r"driver 470\.256\.02 \(NVIDIA \.run installer, proprietary kernel modules\) is too old for torch "
          r"2\.13\.0\+cu130 \(CUDA 13\.0 needs driver >= 580\.65\.06\) or torch 2\.13\.0\+cu126 \(CUDA 12\.6 needs "
          r"driver >= 525\.60\.13\).*sudo /usr/bin/nvidia-uninstall --silent"),
-        ("B200", NodeDriver("575.57.08", "runfile", "open"),  # only the cu130 build runs on Blackwell
-         r"575\.57\.08 .* is too old for torch 2\.13\.0\+cu130 \(CUDA 13\.0 needs driver >= 580\.65\.06\), and"),
+        # Regression (issue 8, defect 5): B200 was claimed, but its Fabric Manager needs nvlsm and ib_umad.
+        ("NVIDIA B200", NodeDriver(), r"B200 is not supported: .*NVLink subnet manager \(nvlsm\) and ib_umad"),
         ("A100", NodeDriver("515.65.01", "", "open"), r"515\.65\.01 \(not from apt.*Remove it, or start the node"),
         ("A100", NodeDriver("580.95.05", "runfile", "open", gpus_visible=False), r"does not list every GPU"),
         ("H100", NodeDriver("590.48.01", "apt", "open", gpus_visible=False), r"newer branch than the tested R580"),

@@ -52,8 +52,11 @@ def test_p4d_dlami_keeps_driver_fabric_manager_cuda_and_efa_installer(tmp_path):
     live = live_p4d_dlami()
     efa_writes = [c.run for c in STEPS["efa"].plan(ctx) if c.sudo]
     efa_verify = [c.run for c in STEPS["efa"].plan(ctx) if not c.sudo]  # fi_info and the plugin: read-only
+    gdrcopy = STEPS["gdrcopy"].plan(ctx)  # a DLAMI's own GDRCopy is not recognised: the pinned one is built
     conn = RecordingContext(
+        gdrcopy,
         run={**{probe_command(STEPS[n].probe_sections(ctx)): Result(out) for n, out in live.items()},
+             probe_command({"pkgs": STEPS["gdrcopy"].probe_sections()["pkgs"]}): Result(""),
              MARKER_WRITE: Result(""), **{cmd: Result("") for cmd in efa_verify}},
         sudo={cmd: Result("") for cmd in efa_writes},
     )
@@ -65,12 +68,16 @@ def test_p4d_dlami_keeps_driver_fabric_manager_cuda_and_efa_installer(tmp_path):
     assert {n: r.status for n, r in results.items()} == {
         "nvidia-repo": SKIPPED, "nvidia-driver": UNCHANGED, "fabric-manager": UNCHANGED,
         "efa": CHANGED, "cuda-toolkit": UNCHANGED,  # efa: only ptrace and the NCCL environment file
+        "gdrcopy": CHANGED,
     }
     assert results["nvidia-repo"].detail.startswith("nothing to install from NVIDIA's repository")
     assert results["nvidia-driver"].detail.startswith("already in place on this node: driver 595.91.07")
-    sudo = [c for kind, c in conn.calls if kind == "sudo"]
+    gdr = {c.run for c in gdrcopy}
+    sudo = [c for kind, c in conn.calls if kind == "sudo" and c not in gdr]
     assert sudo == efa_writes and not any(w in c for c in sudo for w in ("apt-get", "curl", "efa_installer", "reboot"))
-    probes = {probe_command(STEPS[n].probe_sections(ctx)) for n in live} | set(efa_verify)
+    assert not any("nvidia" in c or "cuda-toolkit" in c for c in gdr)  # GDRCopy's build touches no driver or CUDA
+    probes = ({probe_command(STEPS[n].probe_sections(ctx)) for n in live} | set(efa_verify)
+              | {probe_command({"pkgs": STEPS["gdrcopy"].probe_sections()["pkgs"]})})
     assert all(c in probes or MARKER_WRITE.match(c) for kind, c in conn.calls if kind == "run")
 
 
@@ -92,10 +99,9 @@ def test_p4d_dlami_plan_says_what_is_already_in_place():
 def test_fabric_manager_follows_the_driver_a_p4d_dlami_keeps():
     ctx = fixture_ctx("aws_p4d_a100_dlami.txt", "aws", "p4d.24xlarge", fabric_manager="")
     assert versions_for(ctx).fabric_manager == "595.91.07"
-    assert [c.run for c in STEPS["fabric-manager"].plan(ctx)][:2] == [
-        f"{APT} 'nvidia-fabricmanager-595=595.91.07-*'",  # never the matrix's 580.167.08 over a 595 driver
-        "apt-mark hold nvidia-fabricmanager-595",
-    ]
+    install, hold = [c.run for c in STEPS["fabric-manager"].plan(ctx)][:2]
+    assert f"{APT} 'nvidia-fabricmanager-595=595.91.07-*' 2>&1" in install  # never 580.167.08 over a 595 driver
+    assert hold == "apt-mark hold nvidia-fabricmanager-595"
     assert STEPS["nvidia-repo"].skip_reason(ctx) is None  # Fabric Manager now comes from NVIDIA's repository
     assert "Pin: version 595.91.07-*" in pin_lines(versions_for(ctx))
     matrix_fm = probe_output({"version": "Fabric Manager version is : 580.167.08", "active": "active"})
@@ -116,12 +122,13 @@ def test_r570_images_keep_their_stack_and_get_the_cu126_torch(fixture, cloud, in
     ctx = fixture_ctx(fixture, cloud, instance_type)
     driver = STEPS["nvidia-driver"].plan(ctx)
     assert not any("apt-get" in c.run or c.reboot for c in driver)
-    assert driver[0].run == "sh -c 'systemctl enable --now nvidia-persistenced 2>/dev/null || nvidia-smi -pm 1'"
+    assert driver[0].run == "systemctl enable --now nvidia-persistenced 2>/dev/null || nvidia-smi -pm 1"
+    assert driver[0].sudo
     assert "too old for torch 2.13.0+cu130" in STEPS["nvidia-driver"].existing_note(ctx)
     assert STEPS["nvidia-repo"].skip_reason(ctx).startswith("nothing to install")
     assert toolkit in STEPS["cuda-toolkit"].existing_note(ctx)
     assert [c.sudo for c in STEPS["cuda-toolkit"].plan(ctx)] == [False]  # one read-only verify
-    assert PythonEnvStep().expected_torch(ctx) == ("torch==2.13.0", f"https://download.pytorch.org/whl/{index}")
+    assert PythonEnvStep().expected_torch(ctx) == (f"torch==2.13.0+{index}", f"https://download.pytorch.org/whl/{index}")
     assert STEPS["gpu-verify"].plan(ctx)[-1].run.endswith(" 1 12.6")
 
 
@@ -129,8 +136,8 @@ def test_dlami_with_an_old_nccl_gets_only_the_pinned_nccl():
     ctx = fixture_ctx("aws_g5_a10g_dlami_580.txt", "aws", "g5.xlarge")
     assert versions_for(ctx).torch_cuda == "cu130" and versions_for(ctx).driver_version == "580.95.05"
     commands = [c.run for c in STEPS["cuda-toolkit"].plan(ctx)]
-    assert commands[:2] == [f"{APT} libnccl2=2.28.9-1+cuda13.0 libnccl-dev=2.28.9-1+cuda13.0",
-                            "apt-mark hold libnccl2 libnccl-dev"]
+    assert f"{APT} libnccl2=2.28.9-1+cuda13.0 libnccl-dev=2.28.9-1+cuda13.0 2>&1" in commands[0]
+    assert commands[1] == "apt-mark hold libnccl2 libnccl-dev"
     assert not any("cuda-toolkit-13-0" in c for c in commands)  # the image's CUDA 13.0.2 stays
     assert STEPS["nvidia-repo"].skip_reason(ctx) is None  # NCCL comes from NVIDIA's repository
 

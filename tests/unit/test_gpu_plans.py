@@ -14,7 +14,7 @@ from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import MatrixError
 from provision.facts import SECTION, Facts, parse_facts
 from provision.plan import plan_context, render_plan, synth_facts
-from provision.steps.base import StepContext
+from provision.steps.base import StepContext, command_line
 from provision.steps.efa import nccl_env_lines
 from provision.steps.gpu import GPU_STEPS, allreduce_command
 from provision.steps.gpu_common import probe_command
@@ -23,11 +23,14 @@ from provision.versions import version_set
 
 FIXTURES = Path(__file__).parent / "fixtures" / "facts"
 STEPS = {step.name: step for step in GPU_STEPS}
-ALL = ["nvidia-repo", "nvidia-driver", "fabric-manager", "efa", "cuda-toolkit", "gpu-verify"]
+ALL = ["nvidia-repo", "nvidia-driver", "fabric-manager", "cuda-toolkit", "gdrcopy", "efa", "gpu-verify"]
 NO_FM_NO_EFA = ["nvidia-repo", "nvidia-driver", "cuda-toolkit", "gpu-verify"]
 NO_EFA = ["nvidia-repo", "nvidia-driver", "fabric-manager", "cuda-toolkit", "gpu-verify"]
-APT = ("DEBIAN_FRONTEND=noninteractive apt-get install -y -o DPkg::Lock::Timeout=600 "
-       "--allow-change-held-packages --allow-downgrades")
+
+
+def has(commands, text: str) -> bool:
+    return any(text in c for c in commands)
+APT = "install -y --allow-change-held-packages --allow-downgrades"  # inside apt.py's lock-waiting loop
 DRIVER_VERIFY = (
     "sh -c 'v=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | sort -u); "
     '[ "$v" = "580.167.08" ] || { echo "loaded driver is ${v:-none}, expected 580.167.08" >&2; exit 1; }\''
@@ -35,19 +38,29 @@ DRIVER_VERIFY = (
 
 
 class RecordingContext(MockContext):
-    """MockContext that also records run/sudo calls in one ordered list (and still raises on unknown ones)."""
+    """MockContext that records, in order, which plan command each line sent stands for ("sudo" for the ones
+    sent through root_command), and still raises on unknown ones. No `sudo()` call is ever expected."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, plan=(), run=None, sudo=None, **kwargs):
+        """`plan`: answer its commands with exit 0; `run`: more answers keyed by what is sent; `sudo`: answers
+        keyed by a root command's script (sent as root_command(script))."""
+        lines = {command_line(object(), c): c for c in plan if not c.reboot}  # a non-root login
+        answers = {line: Result(line, exited=0) for line in lines}
+        for script, result in (sudo or {}).items():
+            from provision.steps.base import Cmd
+
+            cmd = Cmd(script, sudo=True)
+            lines[command_line(object(), cmd)] = cmd
+            answers[command_line(object(), cmd)] = result
+        answers.update(run or {})
+        super().__init__(run=answers, sudo={}, **kwargs)
         self._set("calls", [])
+        self._set("lines", lines)
 
     def run(self, command, *args, **kwargs):
-        self.calls.append(("run", command))
+        cmd = self.lines.get(command)
+        self.calls.append(("sudo" if cmd is not None and cmd.sudo else "run", cmd.run if cmd is not None else command))
         return super().run(command, *args, **kwargs)
-
-    def sudo(self, command, *args, **kwargs):
-        self.calls.append(("sudo", command))
-        return super().sudo(command, *args, **kwargs)
 
 
 def fixture_ctx(fixture: str, cloud: str, instance_type: str, **facts_changes) -> StepContext:
@@ -67,17 +80,15 @@ def apply_recorded(step, ctx: StepContext) -> list[tuple[str, str]]:
     """Apply `step` against a MockContext that answers exactly its plan's commands; returns the calls in
     order, reboots included (through the runner's reboot hook)."""
     plan = step.plan(ctx)
-    conn = RecordingContext(
-        run={c.run: Result(c.run, exited=0) for c in plan if not c.sudo and not c.reboot},
-        sudo={c.run: Result(c.run, exited=0) for c in plan if c.sudo and not c.reboot},
-    )
+    conn = RecordingContext(plan)
     ctx.options["reboot_hook"] = lambda conn, ctx, cmd: conn.calls.append(("reboot", cmd.run))
     step.apply(conn, ctx)
     return conn.calls
 
 
 def expected_calls(plan) -> list[tuple[str, str]]:
-    return [("reboot" if c.reboot else "sudo" if c.sudo else "run", c.run) for c in plan]
+    return [("reboot" if c.reboot else "sudo" if c.sudo else "run", c.run) for c in plan
+            if not c.reboot_when]  # a conditional reboot needs its trigger in the output (the mock prints none)
 
 
 @pytest.mark.parametrize(
@@ -103,8 +114,8 @@ def test_plan_per_instance_family(cloud, instance_type, accelerator, os_name, st
         assert recorded == expected_calls(step.plan(ctx))  # apply runs the plan in order, sudo where marked
         calls += recorded
     commands = [c for _, c in calls]
-    assert f"{APT} '{driver_package}=580.167.08-*'" in commands
-    assert ("reboot", "reboot") in calls  # a fresh VM has no driver loaded
+    assert has(commands, f"{APT} '{driver_package}=580.167.08-*'")
+    assert [c for c in calls if c[0] == "reboot"] == [("reboot", "reboot")]  # one reboot: the driver's
     assert any(f'[ "$n" -eq {gpus} ]' in c for c in commands)
     assert any("nvidia-fabricmanager-580=580.167.08-*" in c for c in commands) == ("fabric-manager" in steps)
     assert any("efa_installer.sh" in c for c in commands) == ("efa" in steps)
@@ -114,18 +125,16 @@ def test_plan_per_instance_family(cloud, instance_type, accelerator, os_name, st
 
 def test_p4d_driver_and_fabric_manager_run_these_exact_commands():
     ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
-    assert apply_recorded(STEPS["nvidia-driver"], ctx) == [
-        ("sudo", "sh -c 'printf \"%s\\n\" \"blacklist nouveau\" \"options nouveau modeset=0\" > /etc/modprobe.d/blacklist-nouveau.conf'"),
-        ("sudo", "update-initramfs -u"),
-        ("sudo", f"{APT} linux-headers-$(uname -r)"),
-        ("sudo", f"{APT} 'nvidia-open-580=580.167.08-*'"),
-        ("sudo", "apt-mark hold nvidia-open-580"),
-        ("reboot", "reboot"),
-        ("sudo", "systemctl enable --now nvidia-persistenced"),
-        ("run", DRIVER_VERIFY),
-    ]
-    assert apply_recorded(STEPS["fabric-manager"], ctx) == [
-        ("sudo", f"{APT} 'nvidia-fabricmanager-580=580.167.08-*'"),
+    calls = apply_recorded(STEPS["nvidia-driver"], ctx)
+    assert [kind for kind, _ in calls] == ["sudo"] * 5 + ["reboot", "sudo", "run"]
+    assert calls[0][1] == ('printf "%s\\n" "blacklist nouveau" "options nouveau modeset=0" > '
+                           "/etc/modprobe.d/blacklist-nouveau.conf")
+    assert calls[1][1] == "update-initramfs -u" and f"{APT} linux-headers-$(uname -r)" in calls[2][1]
+    assert f"{APT} 'nvidia-open-580=580.167.08-*'" in calls[3][1] and calls[4][1] == "apt-mark hold nvidia-open-580"
+    assert calls[6:] == [("sudo", "systemctl enable --now nvidia-persistenced"), ("run", DRIVER_VERIFY)]
+    calls = apply_recorded(STEPS["fabric-manager"], ctx)
+    assert f"{APT} 'nvidia-fabricmanager-580=580.167.08-*'" in calls[0][1]
+    assert calls[1:] == [
         ("sudo", "apt-mark hold nvidia-fabricmanager-580"),
         ("sudo", "systemctl enable --now nvidia-fabricmanager"),
         ("run", "sh -c 'systemctl is-active --quiet nvidia-fabricmanager && nv-fabricmanager --version | grep -qF 580.167.08'"),
@@ -135,19 +144,17 @@ def test_p4d_driver_and_fabric_manager_run_these_exact_commands():
 def test_v100_gets_proprietary_modules_and_the_cuda_12_6_torch():
     ctx = plan_context("gcp", "n1-standard-8", "ubuntu-22.04", "nvidia-tesla-v100:1")
     driver = [c.run for c in STEPS["nvidia-driver"].plan(ctx)]
-    assert f"{APT} 'cuda-drivers-580=580.167.08-*'" in driver and not any("nvidia-open" in c for c in driver)
+    assert has(driver, f"{APT} 'cuda-drivers-580=580.167.08-*'") and not has(driver, "nvidia-open")
     assert STEPS["gpu-verify"].plan(ctx)[-1].run.endswith(" 1 12.6")
-    assert STEPS["cuda-toolkit"].plan(ctx)[0].run == (
-        f"{APT} 'cuda-toolkit-12-6=12.6.3-*' libnccl2=2.23.4-1+cuda12.6 libnccl-dev=2.23.4-1+cuda12.6"
-    )  # CUDA 13 has no Volta: the toolkit follows the cu126 torch build
+    assert (f"{APT} 'cuda-toolkit-12-6=12.6.3-*' libnccl2=2.23.4-1+cuda12.6 libnccl-dev=2.23.4-1+cuda12.6 2>&1"
+            in STEPS["cuda-toolkit"].plan(ctx)[0].run)  # CUDA 13 has no Volta: the toolkit follows the cu126 torch build
 
 
 def test_cuda_step_pins_toolkit_and_nccl():
     ctx = plan_context("aws", "g5.xlarge", "ubuntu-22.04")
-    assert [c.run for c in STEPS["cuda-toolkit"].plan(ctx)][:2] == [
-        f"{APT} 'cuda-toolkit-13-0=13.0.2-*' libnccl2=2.28.9-1+cuda13.0 libnccl-dev=2.28.9-1+cuda13.0",
-        "apt-mark hold cuda-toolkit-13-0 libnccl2 libnccl-dev",
-    ]
+    install, hold = [c.run for c in STEPS["cuda-toolkit"].plan(ctx)][:2]
+    assert f"{APT} 'cuda-toolkit-13-0=13.0.2-*' libnccl2=2.28.9-1+cuda13.0 libnccl-dev=2.28.9-1+cuda13.0 2>&1" in install
+    assert hold == "apt-mark hold cuda-toolkit-13-0 libnccl2 libnccl-dev"
 
 
 @pytest.mark.parametrize("instance_type, rdma", [("p4d.24xlarge", True), ("p5.48xlarge", True), ("g5.48xlarge", False)])
@@ -161,6 +168,8 @@ def test_efa_plan_verifies_the_installer_and_writes_the_nccl_env(instance_type, 
     env_cmd = next(c for c in commands if "/etc/gpuforge/nccl.env" in c)
     assert ("FI_EFA_USE_DEVICE_RDMA" in env_cmd) is rdma and "FI_PROVIDER" in env_cmd
     assert "export NCCL_PROTO" not in "\n".join(nccl_env_lines(rdma))
+    reboot = next(c for c in STEPS["efa"].plan(ctx) if c.reboot)
+    assert reboot.reboot_when == "Please reboot to complete the installation"  # only when the installer asks
     assert commands.index("reboot") < len(commands) - 1  # verify runs after the module reload
 
 
@@ -238,7 +247,7 @@ def test_driver_already_loaded_but_daemon_off_only_starts_the_daemon():
 def test_old_apt_driver_is_upgraded_with_a_reboot():
     ctx = fixture_ctx("gcp_g2_l4.txt", "gcp", "g2-standard-8")
     plan = STEPS["nvidia-driver"].plan(ctx)
-    assert f"{APT} 'nvidia-open-580=580.167.08-*'" in [c.run for c in plan]
+    assert has([c.run for c in plan], f"{APT} 'nvidia-open-580=580.167.08-*'")
     assert [c.run for c in plan if c.reboot] == ["reboot"]
 
 
@@ -250,7 +259,7 @@ def test_installed_but_unloaded_driver_still_reboots():
 def test_proprietary_modules_on_an_a100_are_switched_to_open():
     ctx = fixture_ctx("aws_p4d_a100.txt", "aws", "p4d.24xlarge", driver_flavor="proprietary")
     plan = STEPS["nvidia-driver"].plan(ctx)
-    assert any(c.reboot for c in plan) and f"{APT} 'nvidia-open-580=580.167.08-*'" in [c.run for c in plan]
+    assert any(c.reboot for c in plan) and has([c.run for c in plan], f"{APT} 'nvidia-open-580=580.167.08-*'")
 
 
 def test_runfile_driver_too_old_for_every_torch_build_is_refused():
@@ -346,23 +355,27 @@ def test_synth_facts_describe_a_fresh_vm_from_the_catalog():
 def test_dry_run_plan_for_p4d_lists_every_step_and_command():
     text = render_plan(GPU_STEPS, plan_context("aws", "p4d.24xlarge", "ubuntu-22.04"))
     assert text.startswith("Setup plan for p4d.24xlarge: ubuntu-22.04, 96 CPUs, 1152 GiB, 8x A100")
-    assert "[3] fabric-manager: NVIDIA Fabric Manager" in text and "[4] efa: EFA software" in text
-    assert ("  1.2 sudo curl -fsSL --retry 3 -o /var/cache/gpuforge/cuda-keyring_1.1-1_all.deb "
+    assert "[3] fabric-manager: NVIDIA Fabric Manager" in text and "[6] efa: EFA software" in text
+    assert "[5] gdrcopy: GDRCopy" in text
+    assert ("  1.2 (root) curl -fsSL --retry 3 -o /var/cache/gpuforge/cuda-keyring_1.1-1_all.deb "
             "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2204/x86_64/cuda-keyring_1.1-1_all.deb") in text
-    assert text.count("sudo reboot   <- reboot") == 2  # driver, then EFA kernel module
+    assert text.count("(root) reboot   <- reboot\n") == 1  # the driver's
+    assert text.count("(root) reboot   <- reboot, only if the step's previous command printed") == 1  # EFA's
     small = render_plan(GPU_STEPS, plan_context("aws", "g5.xlarge", "ubuntu-22.04"))
-    assert "[3] fabric-manager: skipped (no NVSwitch" in small and "[4] efa: skipped (no EFA" in small
+    assert "[3] fabric-manager: skipped (no NVSwitch" in small and "[6] efa: skipped (no EFA" in small
 
 
 def test_allreduce_command_is_a_pasteable_torchrun_line():
     ctx = plan_context("aws", "p4d.24xlarge", "ubuntu-22.04")
-    words = shlex.split(allreduce_command(ctx, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29500, nproc=8))
+    words = shlex.split(allreduce_command(ctx, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29500, nproc=8,
+                                          backend="nccl", nccl_debug=True))
     assert words[:2] == ["sh", "-c"]
     assert words[2] == (
+        "export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET; "
         "if [ -r /etc/gpuforge/nccl.env ]; then . /etc/gpuforge/nccl.env; fi; exec /opt/gpuforge/venv/bin/python "
         "-m torch.distributed.run --nnodes=2 --nproc-per-node=8 --node-rank=1 --master-addr=10.0.0.5 "
-        "--master-port=29500 --max-restarts=0 -m provision.allreduce --sizes 1M,16M,256M --iters 20"
-    )
+        "--master-port=29500 --max-restarts=0 -m provision.allreduce --sizes 1M,16M,256M --iters 20 --backend nccl"
+    )  # NCCL forced on GPU nodes (`auto` could fall back to gloo), its log names the transport
 
 
 def test_facts_default_has_no_gpu():

@@ -20,9 +20,9 @@ from provision.versions import (
     open_kernel_modules,
     parse_version,
     supported_os,
-    torch_requirement,
     version_set,
 )
+from provision.drivers import torch_requirement
 
 
 def test_supported_os_are_the_two_ubuntu_lts():
@@ -70,7 +70,6 @@ def test_min_driver_for_unknown_cuda_is_refused():
         ("AD104GL [L4]", "L4", True),
         ("Tesla T4", "T4", True),
         ("NVIDIA L40S", "L40S", True),
-        ("B200", "B200", True),
         ("Tesla V100-SXM2-16GB", "V100", False),
         ("Tesla P100-PCIE-16GB", "P100", False),
         ("Tesla P4", "P4", False),
@@ -88,16 +87,20 @@ def test_unsupported_or_unknown_gpus_are_refused(model, message):
 
 
 @pytest.mark.parametrize(
-    "has_gpu, model, index",
-    [
-        (True, "", "https://download.pytorch.org/whl/cu130"),
-        (True, "NVIDIA H100 80GB HBM3", "https://download.pytorch.org/whl/cu130"),
-        (True, "Tesla V100-SXM2-16GB", "https://download.pytorch.org/whl/cu126"),
-        (False, "", "https://download.pytorch.org/whl/cpu"),
-    ],
+    "has_gpu, model, build",
+    [(True, "", "cu130"), (True, "NVIDIA H100 80GB HBM3", "cu130"), (True, "Tesla V100-SXM2-16GB", "cu126"),
+     (False, "", "cpu")],
 )
-def test_torch_requirement(has_gpu, model, index):
-    assert torch_requirement("ubuntu-22.04", has_gpu, model) == ("torch==2.13.0", index)
+def test_torch_requirement_names_the_exact_build(has_gpu, model, build):
+    """Regression (issue 8, defect 2): `torch==2.13.0` is satisfied by an installed 2.13.0+cu126 (PEP 440 ignores
+    local labels when the specifier has none), so a changed build was never applied; the label is now part of it."""
+    assert torch_requirement("ubuntu-22.04", has_gpu, model) == (
+        f"torch==2.13.0+{build}", f"https://download.pytorch.org/whl/{build}")
+
+
+def test_a_cpu_node_needs_no_matrix_row():
+    """Regression (issue 8, defect 9): a CPU node on Debian 12 was refused ("no tested version combination")."""
+    assert torch_requirement("debian-12", False) == ("torch==2.13.0+cpu", "https://download.pytorch.org/whl/cpu")
 
 
 def test_torch_cuda_version_for_legacy_gpus():
@@ -117,13 +120,13 @@ def test_torch_cuda_version_for_legacy_gpus():
 )
 def test_torch_requirement_follows_the_driver_the_node_keeps(model, existing, index):
     assert torch_requirement("ubuntu-22.04", True, model, existing) == (
-        "torch==2.13.0", f"https://download.pytorch.org/whl/{index}")
+        f"torch==2.13.0+{index}", f"https://download.pytorch.org/whl/{index}")
 
 
 @pytest.mark.parametrize(
     "model, builds",
     [("A100", ["cu130", "cu126"]), ("T4", ["cu130", "cu126"]), ("V100", ["cu126"]), ("P4", ["cu126"]),
-     ("B200", ["cu130"]), ("", ["cu130", "cu126"])],
+     ("", ["cu130", "cu126"])],
 )
 def test_torch_builds_carry_kernels_for_the_gpu(model, builds):
     assert version_set("ubuntu-22.04").torch_builds(model) == builds
@@ -181,3 +184,20 @@ def test_matrix_file_with_unknown_keys_is_refused(tmp_path):
     bad.write_text('[os."ubuntu-22.04"]\ndriver = "580"\n')
     with pytest.raises(MatrixError, match=r"unknown keys \['driver'\]"):
         load_matrix(bad)
+
+
+def test_python_env_check_compares_the_whole_build(tmp_path):
+    """Regression (issue 8, defect 2): the check stripped `+cuXXX`, so an installed 2.13.0+cu126 passed for cu130."""
+    from invoke import MockContext, Result
+
+    from provision.node_lock import lock_digest
+    from provision.plan import plan_context
+    from provision.steps.core import PythonEnvStep
+
+    ctx = plan_context("aws", "g5.xlarge", "ubuntu-22.04")
+    step = PythonEnvStep()
+    assert step.expected_torch(ctx)[0] == "torch==2.13.0+cu130"
+    site = "/opt/gpuforge/venv/lib/python3.10/site-packages"
+    for build, ok in (("cu130", True), ("cu126", False)):
+        probe = MockContext(run=Result(f"{lock_digest()}\n{site}/torch-2.13.0+{build}.dist-info\n"))
+        assert step.check(probe, ctx) is ok

@@ -1,0 +1,19 @@
+"""What `fab setup` prints at the end."""
+
+from __future__ import annotations
+
+from infra.cluster import ClusterInfo, NodeInfo
+from provision.cli.report import print_setup
+from provision.runner import CHANGED, UNCHANGED, NodeReport, StepReport
+
+
+def test_setup_summary_prints_the_whole_run_time_not_a_step_time(capsys):
+    """Regression (issue 8, defect 10): a loop variable shadowed `seconds`, so a 134 s setup said "in 2.6 s"."""
+    node = NodeInfo(name="node-0", rank=0, public_address="127.0.0.2", private_address="127.0.0.2")
+    cluster = ClusterInfo(name="c", cloud="local", nodes=(node,), state_dir="/tmp/c")
+    report = NodeReport("node-0", node.address, steps=[StepReport("python_env", CHANGED, "venv", 2.6),
+                                                       StepReport("verify", UNCHANGED, "already in place", 0.0)])
+    print_setup(cluster, [report], dry_run=False, seconds=134.0)
+    out = capsys.readouterr().out
+    assert "1/1 node(s) set up in 134.0 s" in out
+    assert "python_env (2.6 s)" in out
