@@ -33,6 +33,9 @@ def sweep(home: Path, cloud: str, region: str = "", project: str = "", cluster: 
     if delete_data and not purge_them:
         raise ProvisionError("--delete-data goes with --purge")
     region = region or DEFAULT_REGIONS[cloud]
+    from infra import catalog
+
+    catalog.zones(cloud, region)  # an unknown region: one line with the choices, before any call
     out = console()
     keys = recorded_keys(home, cluster) if cluster else frozenset()
     found = find_leftovers(cloud, cluster, region, project, keys)
