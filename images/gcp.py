@@ -41,6 +41,7 @@ from images.common import (
 )
 from images.errors import BakeError, BakeSpecError
 from images.spec import GCP_DEFAULT_NETWORK, BakeNames, BakeResult, BakeSpec
+from infra.catalog import find_instance
 from infra.cluster import CLUSTER_LABEL, ClusterInfo
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ class GcpBake(BakeRun):
         from google.cloud import compute_v1
 
         self.compute = compute_v1
-        self.kw = {"transport": "rest", "client_options": client_options, "credentials": credentials}
+        from infra.gcp_api import compute_kwargs
+
+        self.kw = compute_kwargs(client_options, credentials)  # the caller's endpoint, else GPUFORGE_GCP_ENDPOINT
         self.spec, self.home, self.on_event = spec, home, on_event
         self.project, self.zone = spec.project, spec.zone
         self.instances = compute_v1.InstancesClient(**self.kw)
@@ -159,12 +162,15 @@ class GcpBake(BakeRun):
         return f"global/networks/{self.spec.network or GCP_DEFAULT_NETWORK}"
 
     def create_firewall(self) -> None:
-        c, name = self.compute, f"{self.names.builder}-ssh"  # `<cluster>-` prefix: the sweep finds it by name
+        from infra.cluster import ownership_marker
+
+        c, name = self.compute, f"{self.names.builder}-ssh"
         rule = c.Firewall(
             name=name, network=self.network_path(), direction="INGRESS",
             allowed=[c.Allowed(I_p_protocol="tcp", ports=[SSH_PORT])], source_ranges=list(self.spec.ssh_cidrs),
             target_tags=[self.names.builder],
-            description=f"gpuforge image bake {self.names.builder}: SSH from ssh_cidrs",
+            # firewalls take no labels: the marker is how `fab sweep` knows the rule is ours after a crash
+            description=f"gpuforge image bake: SSH from ssh_cidrs {ownership_marker(self.names.builder)}",
         )
         self.cleanup.add(f"firewall rule {name}", lambda: self.delete_firewall(name))
         op = self.call(f"creating firewall rule {name}", self.firewalls.insert, project=self.project,
@@ -187,6 +193,8 @@ class GcpBake(BakeRun):
                                  access_configs=[c.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")])
         if spec.subnetwork:
             nic.subnetwork = f"regions/{spec.region}/subnetworks/{spec.subnetwork}"
+        if find_instance("gcp", spec.instance_type).gvnic:  # A3 builders: the series requires gVNIC
+            nic.nic_type = "GVNIC"
         accelerators = []
         if spec.accelerator:
             acc_name, _, count = spec.accelerator.partition(":")

@@ -11,7 +11,8 @@
     pulumi up
 
 Every value is validated into a ClusterSpec before any resource is registered. Outputs: `cluster` (the
-ClusterInfo record `fab setup` reads) and `costPerHour` (catalog estimate, USD).
+ClusterInfo record `fab setup` reads), `costPerHour` (catalog estimate, USD), `image` (what the nodes boot) and
+`bucket` (the data bucket, which `pulumi destroy` keeps: see the README's data policy).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def run() -> dict[str, Any]:
         from infra.gcp import GcpGpuCluster
 
         component = GcpGpuCluster(spec.name, spec)
-    outputs = {"cluster": component.cluster, "costPerHour": spec.cost_per_hour}
+    outputs = {"cluster": component.cluster, "costPerHour": spec.cost_per_hour, "image": component.image,
+               "bucket": component.bucket_name}
     for key, value in outputs.items():
         pulumi.export(key, value)
     return outputs

@@ -1,18 +1,21 @@
 """AwsGpuCluster: a GPU cluster and its S3 bucket on AWS, as one Pulumi component.
 
-Resources (every one tagged `gpuforge:cluster=<name>`, also through the provider's default tags):
+Resources (every one tagged `gpuforge:cluster=<name>` and `gpuforge:cluster-id=<id>`, also through the provider's
+default tags, so the sweep can tell this cluster from another of the same name):
 
 - a dedicated VPC with one public subnet in the chosen zone, an internet gateway and a default route;
-- a security group: SSH only from `ssh_cidrs` (none by default), all traffic from and to itself
-  (NCCL and EFA need it), and egress to the internet (packages, S3);
+- a security group: SSH only from `ssh_cidrs` (none by default; IPv4 only, as the VPC is), all traffic from and to
+  itself (NCCL and EFA need it), and egress to the internet (packages, S3);
 - a cluster placement group when there is more than one node or the type has EFA;
-- a launch template: the image, IMDSv2 required, an encrypted gp3 root volume, the key pair, the instance
-  profile, the placement group, and the network interfaces (primary ENA, plus one `efa-only` interface
-  per EFA the catalog lists, one per network card);
+- a launch template: the image (the one `gpuforge:image` records, see images/lookup.py), IMDSv2 required, an
+  encrypted gp3 root volume on the image's own root device, the key pair, the instance profile, the placement
+  group, and the network interfaces (primary ENA, plus one `efa-only` interface per EFA the catalog lists, laid
+  out as AWS's guide for maximum bandwidth does);
 - one instance per node (spot through instance market options when asked), and an Elastic IP per node when
-  a node has several interfaces (AWS assigns no public IP then);
-- an S3 bucket: public access blocked, SSE, versioning, old versions expired, not force-destroyed unless
-  configured; an IAM role whose only policy reaches this bucket.
+  a node has several interfaces (AWS assigns no public IP then; `fab up` checks the Elastic IP quota first);
+- an S3 bucket: public access blocked, SSE, versioning, old versions expired. It holds the user's data, so it and
+  its settings are `retain_on_delete`: `pulumi destroy` leaves them (data policy: `fab down` keeps the data,
+  `fab down --delete-data` deletes it); an IAM role (path /gpuforge/) whose only policy reaches this bucket.
 """
 
 from __future__ import annotations
@@ -24,21 +27,25 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from infra.cluster import CLUSTER_TAG
+from images.lookup import BAKED_TAG, DLAMI_PARAMETER, MODULES_TAG, OS_TAG, driver_modules
+from infra.cluster import CLUSTER_ID_TAG, CLUSTER_TAG
 from infra.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
 
 VPC_CIDR = "10.42.0.0/16"
-SUBNET_CIDR = "10.42.0.0/20"  # 4091 addresses: one per node (efa-only interfaces take no IP address)
+# One /20 per zone (4091 addresses: one per node; efa-only interfaces take none), the zone's index in the catalog
+# choosing which: when `fab up` moves a first attempt to the next zone (capacity), the new subnet is created before
+# the old one is deleted (Pulumi's default for a replacement) and two subnets of a VPC may not overlap.
+SUBNET_PREFIX = 20
 SSH_PORT = 22
-ROOT_DEVICE = "/dev/sda1"  # root device name of Ubuntu-based AMIs (Canonical, DLAMI and images baked from them)
-# Deep Learning Base OSS Nvidia Driver GPU AMI, newest release, via SSM public parameters
-# (docs.aws.amazon.com/dlami/latest/devguide/find-dlami-id.html).
-DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-{os}/latest/ami-id"
-BAKED_TAG = "gpuforge:baked"  # images/aws.py tags the AMIs it bakes with these three tags
-OS_TAG = "gpuforge:os"
-MODULES_TAG = "gpuforge:driver-modules"  # open | proprietary NVIDIA kernel modules (images/common.py)
+IAM_PATH = "/gpuforge/"  # our roles and instance profiles live here: the sweep lists by this path, then by tag
+REGION_TAG = "gpuforge:region"  # on IAM resources (IAM is global): which region's cluster they belong to
+UNPINNED_IMAGE_HINT = (
+    "gpuforge:image is not set, so this run picked the newest image; every later `pulumi up` would pick again and "
+    "replace the nodes when a newer one is published. Pin it: pulumi config set gpuforge:image {image} "
+    "(`fab up` does this for you)"
+)
 NONCURRENT_VERSION_DAYS = 30  # checkpoints overwritten more than a month ago are gone
 ABORT_MULTIPART_DAYS = 7  # a crashed upload's parts stop costing money after a week
 IMDS_HOP_LIMIT = 1  # IMDSv2 tokens do not leave the instance (no containers in between)
@@ -73,6 +80,35 @@ EC2_TRUST_POLICY = json.dumps(
 )
 
 
+def warn_unpinned(image: str) -> str:
+    pulumi.log.warn(UNPINNED_IMAGE_HINT.format(image=image))
+    return image
+
+
+def subnet_cidr(spec: ClusterSpec) -> str:
+    """The zone's /20 of the VPC (see SUBNET_PREFIX)."""
+    import ipaddress
+
+    from infra import catalog
+
+    index = catalog.zones("aws", spec.region).index(spec.zone)
+    return str(list(ipaddress.ip_network(VPC_CIDR).subnets(new_prefix=SUBNET_PREFIX))[index])
+
+
+def cluster_tags(spec: ClusterSpec) -> dict[str, str]:
+    """The tags every resource of the cluster carries (the sweep claims by them)."""
+    tags = {CLUSTER_TAG: spec.name}
+    if spec.cluster_id:
+        tags[CLUSTER_ID_TAG] = spec.cluster_id
+    return tags
+
+
+def efa_slots(efa_interfaces: int) -> list[dict[str, int]]:
+    """(network card, device index) of each efa-only interface: card 0 at device 1 (device 0 is the primary ENA
+    interface), then device 0 of cards 1, 2, ... (AWS EC2 user guide, efa-acc-inst-types)."""
+    return [{"network_card_index": card, "device_index": 1 if card == 0 else 0} for card in range(efa_interfaces)]
+
+
 class AwsGpuCluster(pulumi.ComponentResource):
     """The cluster of `spec` on AWS; `cluster` is its ClusterInfo as a dict."""
 
@@ -82,7 +118,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
         super().__init__("gpuforge:aws:GpuCluster", name, None, opts)
         self._name = name
         self._spec = spec
-        self._tags = {CLUSTER_TAG: spec.name}
+        self._tags = cluster_tags(spec)
         provider = aws.Provider(
             f"{name}-aws",
             region=spec.region,
@@ -98,7 +134,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
         profile = self._create_instance_profile(bucket)
         key = aws.ec2.KeyPair(f"{name}-key", public_key=spec.ssh_public_key, tags=self._tags, opts=self._child)
         placement = self._create_placement_group()
-        self.image = self._resolve_image()
+        self.image = self._choose_image()
         template = self._create_launch_template(subnet, group, profile, key, placement)
         addresses = [self._create_node(rank, template, gateway) for rank in range(spec.nodes)]
 
@@ -117,7 +153,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
             tags={**tags, "Name": f"{n}-vpc"}, opts=self._child,
         )
         subnet = aws.ec2.Subnet(
-            f"{n}-subnet", vpc_id=vpc.id, cidr_block=SUBNET_CIDR, availability_zone=self._spec.zone,
+            f"{n}-subnet", vpc_id=vpc.id, cidr_block=subnet_cidr(self._spec), availability_zone=self._spec.zone,
             map_public_ip_on_launch=False, tags={**tags, "Name": f"{n}-subnet"}, opts=self._child,
         )
         gateway = aws.ec2.InternetGateway(f"{n}-igw", vpc_id=vpc.id, tags=tags, opts=self._child)
@@ -133,11 +169,10 @@ class AwsGpuCluster(pulumi.ComponentResource):
         group = aws.ec2.SecurityGroup(
             f"{n}-sg", vpc_id=vpc_id, description=f"gpuforge cluster {self._spec.name}", tags=tags, opts=self._child
         )
-        for i, cidr in enumerate(self._spec.ssh_cidrs):
-            family = "cidr_ipv6" if ":" in cidr else "cidr_ipv4"
+        for i, cidr in enumerate(self._spec.ssh_cidrs):  # IPv4 only: the spec refuses IPv6 (the VPC has none)
             aws.vpc.SecurityGroupIngressRule(
                 f"{n}-ssh-{i}", security_group_id=group.id, ip_protocol="tcp", from_port=SSH_PORT, to_port=SSH_PORT,
-                description="SSH from gpuforge:sshCidrs", tags=tags, opts=self._child, **{family: cidr},
+                cidr_ipv4=cidr, description="SSH from gpuforge:sshCidrs", tags=tags, opts=self._child,
             )
         aws.vpc.SecurityGroupIngressRule(
             f"{n}-intra-in", security_group_id=group.id, ip_protocol="-1", referenced_security_group_id=group.id,
@@ -155,31 +190,34 @@ class AwsGpuCluster(pulumi.ComponentResource):
         return group
 
     def _create_placement_group(self) -> aws.ec2.PlacementGroup | None:
-        if self._spec.nodes == 1 and self._spec.efa_interfaces == 0:
+        spec = self._spec
+        if (spec.nodes == 1 and spec.efa_interfaces == 0) or not spec.instance.compact_placement:
             return None
         return aws.ec2.PlacementGroup(f"{self._name}-pg", strategy="cluster", tags=self._tags, opts=self._child)
 
     # -- storage and identity --------------------------------------------------------------------
     def _create_bucket(self) -> aws.s3.Bucket:
+        """The data bucket. It and its settings are retained by `pulumi destroy`: deleting the public access block or
+        the encryption setting of a bucket that stays would weaken it, and the bucket holds the user's data."""
         n = self._name
+        data = self._opts(retain_on_delete=True)
         bucket = aws.s3.Bucket(
-            f"{n}-bucket", bucket_prefix=f"gpuforge-{self._spec.name}-",
-            force_destroy=self._spec.force_destroy_bucket, tags=self._tags, opts=self._child,
+            f"{n}-bucket", bucket_prefix=f"gpuforge-{self._spec.name}-", force_destroy=False, tags=self._tags,
+            opts=data,
         )
         aws.s3.BucketPublicAccessBlock(
             f"{n}-bucket-pab", bucket=bucket.id, block_public_acls=True, block_public_policy=True,
-            ignore_public_acls=True, restrict_public_buckets=True, opts=self._child,
+            ignore_public_acls=True, restrict_public_buckets=True, opts=data,
         )
         aws.s3.BucketOwnershipControls(
-            f"{n}-bucket-owner", bucket=bucket.id, rule={"object_ownership": "BucketOwnerEnforced"}, opts=self._child
+            f"{n}-bucket-owner", bucket=bucket.id, rule={"object_ownership": "BucketOwnerEnforced"}, opts=data
         )
         aws.s3.BucketServerSideEncryptionConfiguration(
             f"{n}-bucket-sse", bucket=bucket.id,
-            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "AES256"}}], opts=self._child,
+            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "AES256"}}], opts=data,
         )
         versioning = aws.s3.BucketVersioning(
-            f"{n}-bucket-versioning", bucket=bucket.id, versioning_configuration={"status": "Enabled"},
-            opts=self._child,
+            f"{n}-bucket-versioning", bucket=bucket.id, versioning_configuration={"status": "Enabled"}, opts=data,
         )
         aws.s3.BucketLifecycleConfiguration(
             f"{n}-bucket-lifecycle", bucket=bucket.id,
@@ -190,30 +228,28 @@ class AwsGpuCluster(pulumi.ComponentResource):
                 "noncurrent_version_expiration": {"noncurrent_days": NONCURRENT_VERSION_DAYS},
                 "abort_incomplete_multipart_upload": {"days_after_initiation": ABORT_MULTIPART_DAYS},
             }],
-            opts=self._opts(depends_on=[versioning]),
+            opts=self._opts(depends_on=[versioning], retain_on_delete=True),
         )
         return bucket
 
     def _create_instance_profile(self, bucket: aws.s3.Bucket) -> aws.iam.InstanceProfile:
         n = self._name
-        role = aws.iam.Role(f"{n}-node-role", assume_role_policy=EC2_TRUST_POLICY, tags=self._tags, opts=self._child)
+        tags = {**self._tags, REGION_TAG: self._spec.region}
+        role = aws.iam.Role(f"{n}-node-role", path=IAM_PATH, assume_role_policy=EC2_TRUST_POLICY, tags=tags,
+                            opts=self._child)
         aws.iam.RolePolicy(
             f"{n}-bucket-access", role=role.id, policy=bucket.arn.apply(bucket_policy_document), opts=self._child
         )
-        return aws.iam.InstanceProfile(f"{n}-profile", role=role.name, tags=self._tags, opts=self._child)
+        return aws.iam.InstanceProfile(f"{n}-profile", path=IAM_PATH, role=role.name, tags=tags, opts=self._child)
 
     # -- image -----------------------------------------------------------------------------------
-    def _resolve_image(self) -> pulumi.Output[str]:
-        """The override, else the newest baked gpuforge AMI for the OS and the GPU's kernel-module flavour (an
-        image baked for V100s runs proprietary modules and torch cu126, one for A100s open modules and cu130),
-        else the Deep Learning Base AMI."""
+    def _choose_image(self) -> pulumi.Output[str]:
+        """The image the stack records (`gpuforge:image`, which `fab up` sets at the first up), else the newest
+        baked gpuforge AMI for the OS and the GPU's kernel-module flavour, else the Deep Learning Base AMI."""
         spec = self._spec
         if spec.image:
             return pulumi.Output.from_input(spec.image)
-        from provision.versions import open_kernel_modules  # provision is only needed to pick a baked image
-
-        modules = "open" if open_kernel_modules(spec.gpu_model) else "proprietary"
-        invoke = pulumi.InvokeOutputOptions(provider=self._provider, parent=self)
+        modules = driver_modules(spec.gpu_model)
         baked = aws.ec2.get_ami_ids_output(
             owners=["self"],
             filters=[
@@ -223,7 +259,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
                 {"name": "state", "values": ["available"]},
             ],
             sort_ascending=False,  # newest first
-            opts=invoke,
+            opts=self._invoke(),
         )
 
         def pick(ids: list[str]) -> pulumi.Output[str] | str:
@@ -231,26 +267,34 @@ class AwsGpuCluster(pulumi.ComponentResource):
                 return ids[0]
             pulumi.log.info(f"no baked gpuforge image for {spec.os} with {modules} driver modules in {spec.region}; "
                             "using the Deep Learning AMI")
-            dlami = DLAMI_PARAMETER.format(os=spec.os)
-            return aws.ssm.get_parameter_output(name=dlami, opts=invoke).value
+            return aws.ssm.get_parameter_output(name=DLAMI_PARAMETER.format(os=spec.os), opts=self._invoke()).value
 
-        return baked.ids.apply(pick)
+        return baked.ids.apply(pick).apply(warn_unpinned)
+
+    def _root_device(self) -> pulumi.Output[str]:
+        """The chosen image's root device name (`/dev/sda1` on Ubuntu AMIs, `/dev/xvda` on others): the root
+        volume's mapping must name it, or the instance gets a second, empty volume instead."""
+        ami = aws.ec2.get_ami_output(
+            filters=[{"name": "image-id", "values": [self.image]}], include_deprecated=True, opts=self._invoke()
+        )
+        return ami.root_device_name
+
+    def _invoke(self) -> pulumi.InvokeOutputOptions:
+        return pulumi.InvokeOutputOptions(provider=self._provider, parent=self)
 
     # -- nodes ------------------------------------------------------------------------------------
     def _network_interfaces(self, subnet: aws.ec2.Subnet, group: aws.ec2.SecurityGroup) -> list[dict[str, Any]]:
-        """Primary ENA interface on card 0; one efa-only interface per EFA, one per network card."""
-        efa = self._spec.efa_interfaces
+        """The layout of AWS's guide "Maximize network bandwidth on instances with multiple network cards": the
+        primary ENA interface at network card 0, device index 0; an efa-only interface at card 0, device index 1;
+        and one efa-only interface at device index 0 of each further card."""
         common = {"subnet_id": subnet.id, "security_groups": [group.id], "delete_on_termination": "true"}
+        efa = self._spec.efa_interfaces
         primary = {
             **common, "device_index": 0, "network_card_index": 0,
             # AWS assigns no public IP to an instance with several interfaces; those nodes get an Elastic IP.
             "associate_public_ip_address": "false" if efa else "true",
         }
-        extra = [
-            {**common, "device_index": 1, "network_card_index": card, "interface_type": "efa-only"}
-            for card in range(efa)
-        ]
-        return [primary, *extra]
+        return [primary, *[{**common, **slot, "interface_type": "efa-only"} for slot in efa_slots(efa)]]
 
     def _create_launch_template(
         self,
@@ -278,7 +322,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
                 "instance_metadata_tags": "disabled",
             },
             block_device_mappings=[{
-                "device_name": ROOT_DEVICE,
+                "device_name": self._root_device(),
                 "ebs": {
                     "volume_size": spec.disk_gb,
                     "volume_type": "gp3",
@@ -292,7 +336,13 @@ class AwsGpuCluster(pulumi.ComponentResource):
             update_default_version=True,
             tags=tags,
             opts=self._child,
+            **self._shutdown_options(),
         )
+
+    def _shutdown_options(self) -> dict[str, Any]:
+        """Launch-template arguments for what an instance does when its OS shuts down (the place for autostop:
+        e.g. `instance_initiated_shutdown_behavior`). None yet: EC2's default is to stop."""
+        return {}
 
     def _create_node(
         self, rank: int, template: aws.ec2.LaunchTemplate, gateway: aws.ec2.InternetGateway

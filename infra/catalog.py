@@ -35,6 +35,7 @@ CLOUDS = ("aws", "gcp")
 # Spot prices move by zone and hour; across the 2025 AWS and GCP spot data for these GPU types the spot
 # rate was mostly 30-50% of on-demand. 0.4 is a planning estimate, not a quote.
 SPOT_PRICE_FRACTION = 0.4
+SOLD_AS = ("on-demand", "spot")
 CLOSE_MATCHES = 3  # how many "did you mean" suggestions lead an error message
 
 
@@ -52,6 +53,10 @@ class InstanceType:
     price_per_hour: float  # reference on-demand $/h (us-east-1 / us-central1)
     price_date: str  # month the price was read; the CSV header says from where
     accelerator_required: bool = False  # GCP n1: needs gpuforge:accelerator
+    compact_placement: bool = True  # takes a compact placement policy / cluster placement group (GCP n1: no)
+    gvnic: bool = False  # GCP: the series requires nicType GVNIC (A3)
+    sold_as: str = "on-demand"  # "on-demand", or "spot" where the type is sold only as Spot/Flex-start VMs
+    gpu_quota: str = ""  # GCP regional GPU quota metric (n1: from the accelerator)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Accelerator:  # GCP guest accelerators for n1
     counts: tuple[int, ...]  # allowed counts (1,2,4 / 1,2,4,8)
     price_per_hour: float  # per GPU
     price_date: str
+    gpu_quota: str = ""  # GCP regional GPU quota metric, e.g. NVIDIA_T4_GPUS
 
 
 def _read_rows(filename: str) -> list[dict[str, str]]:
@@ -75,6 +81,12 @@ def _parse_bool(value: str, where: str) -> bool:
     if value not in ("true", "false"):
         raise CatalogError(f"{where}: expected true or false, got {value!r}")
     return value == "true"
+
+
+def _parse_sold_as(value: str, where: str) -> str:
+    if value not in SOLD_AS:
+        raise CatalogError(f"{where}: sold_as must be one of {', '.join(SOLD_AS)}, got {value!r}")
+    return value
 
 
 def _parse_instance(cloud: str, row: dict[str, str]) -> InstanceType:
@@ -93,6 +105,10 @@ def _parse_instance(cloud: str, row: dict[str, str]) -> InstanceType:
             price_per_hour=float(row["price_per_hour"]),
             price_date=row["price_date"],
             accelerator_required=_parse_bool(row["accelerator_required"], where),
+            compact_placement=_parse_bool(row.get("compact_placement") or "true", where),
+            gvnic=_parse_bool(row.get("gvnic") or "false", where),
+            sold_as=_parse_sold_as(row.get("sold_as") or "on-demand", where),
+            gpu_quota=row.get("gpu_quota") or "",
         )
     except (KeyError, ValueError) as exc:
         raise CatalogError(f"{where} is malformed: {exc}") from exc
@@ -121,6 +137,7 @@ def _accelerators() -> dict[str, tuple[Accelerator, tuple[int, ...]]]:
             counts=counts,
             price_per_hour=float(row["price_per_hour"]),
             price_date=row["price_date"],
+            gpu_quota=row.get("gpu_quota") or "",
         )
         out[acc.name] = (acc, max_vcpus)
     return out

@@ -7,6 +7,7 @@ output, or a hosts file for machines the user already has (provision/inventory.p
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,24 @@ DEFAULT_WORKDIR = "/opt/gpuforge"  # where provisioning puts the venv, code and 
 # Every cloud resource of a cluster carries its name here; the leftover sweep and cost reports select on it.
 CLUSTER_TAG = "gpuforge:cluster"  # AWS tag key
 CLUSTER_LABEL = "gpuforge-cluster"  # GCP label key (labels allow no ':')
+# A random id per cluster, given when it is registered: tells this cluster from another one of the same name (say, a
+# colleague's `demo` in the same account), so `fab down` deletes leftovers of its own cluster only.
+CLUSTER_ID_TAG = "gpuforge:cluster-id"
+CLUSTER_ID_LABEL = "gpuforge-cluster-id"
+# GCP types that take no labels (networks, subnetworks, firewalls, resource policies, service accounts) carry the
+# same two facts in their description: "... [gpuforge-cluster=demo gpuforge-cluster-id=ab12cd34ef56]".
+MARKER_RE = re.compile(r"\[gpuforge-cluster=([a-z0-9-]+)(?: gpuforge-cluster-id=([a-z0-9]+))?\]")
+
+
+def ownership_marker(cluster: str, cluster_id: str = "") -> str:
+    """The marker put in the description of an unlabelled GCP resource of `cluster`."""
+    return f"[{CLUSTER_LABEL}={cluster}" + (f" {CLUSTER_ID_LABEL}={cluster_id}" if cluster_id else "") + "]"
+
+
+def read_marker(description: str) -> tuple[str, str] | None:
+    """(cluster, cluster id or "") from a description carrying our marker; None when it carries none."""
+    match = MARKER_RE.search(description or "")
+    return (match.group(1), match.group(2) or "") if match else None
 
 
 @dataclass(frozen=True)

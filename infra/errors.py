@@ -43,3 +43,15 @@ class HostKeyError(SshError):
 
 class NodeUnreachableError(SshError):
     """SSH to a node failed or timed out."""
+
+
+class PreflightError(ClusterError):
+    """A read-only check before `fab up` creates anything failed: the type is not offered, or not sold that way."""
+
+
+class QuotaError(PreflightError):
+    """A quota is too small for the cluster; the message names the quota and how to raise it."""
+
+
+class CapacityError(ClusterError):
+    """No zone that offers the type had capacity for it; the message lists the zones tried."""

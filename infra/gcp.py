@@ -1,19 +1,21 @@
 """GcpGpuCluster: a GPU cluster and its GCS bucket on GCP, as one Pulumi component.
 
-Resources (labelled `gpuforge-cluster=<name>` wherever GCP takes labels, also through the provider's
-default labels; networks, firewalls and the service account take none, and carry the name instead):
+Resources (labelled `gpuforge-cluster=<name>` and `gpuforge-cluster-id=<id>` wherever GCP takes labels, also
+through the provider's default labels; networks, subnetworks, firewalls, the placement policy and the service
+account take none, and carry the same two facts as a marker in their description, which the sweep reads):
 
 - a VPC network and one subnet in the region;
-- firewall rules: SSH only from `ssh_cidrs` (none by default), all traffic between the cluster's nodes
+- firewall rules: SSH only from `ssh_cidrs` (none by default; IPv4 only), all traffic between the cluster's nodes
   (selected by the network tag `gpuforge-<name>`);
-- a compact placement policy when there is more than one node;
+- a compact placement policy when there is more than one node of a series that takes one (catalog: not N1);
 - one instance per node: the GPU machine type, or n1 plus guest accelerators; `onHostMaintenance:
-  TERMINATE` (GPU VMs cannot live-migrate); the SPOT provisioning model when asked; a boot disk of
-  `disk_gb` from the newest baked gpuforge image, else a Deep Learning VM image family; the cluster's public
+  TERMINATE` (GPU VMs cannot live-migrate); the SPOT provisioning model when asked; gVNIC where the series
+  requires it (A3); a boot disk of `disk_gb` from the image the stack records (`gpuforge:image`, set by `fab up`
+  at the first up), else our baked family, else a Deep Learning VM family; the cluster's public
   key in instance metadata (`ssh-keys`), project-wide keys blocked;
 - a service account whose only storage grant is on this cluster's bucket (a bucket IAM member);
 - a GCS bucket: uniform bucket-level access, public access prevention enforced, versioning, old versions
-  deleted after a while, not force-destroyed unless configured.
+  deleted after a while. It holds the user's data: `retain_on_delete`, so `pulumi destroy` leaves it.
 
 Not done here: the 8 extra NICs that A3 Mega (GPUDirect-TCPXO) and A3 High (TCPX) need for full
 inter-node bandwidth; the nodes talk over their one gVNIC.
@@ -27,25 +29,19 @@ from typing import Any
 import pulumi
 import pulumi_gcp as gcp
 
-from infra.cluster import CLUSTER_LABEL
+from images.lookup import DLVM_FAMILIES, DLVM_PROJECT, baked_image_filter, image_family
+from infra.cluster import CLUSTER_ID_LABEL, CLUSTER_LABEL, ownership_marker
 from infra.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
 
-BAKED_LABEL = "gpuforge-baked"  # images/gcp.py labels the images it bakes with these three labels
-OS_LABEL = "gpuforge-os"
-MODULES_LABEL = "gpuforge-driver-modules"  # open | proprietary NVIDIA kernel modules (images/common.py)
 SUBNET_CIDR = "10.42.0.0/20"
 SSH_PORT = "22"
-# Deep Learning VM image families (cloud.google.com/deep-learning-vm/docs/images): CUDA 12.8 with the
-# NVIDIA 570 driver preinstalled. Override with gpuforge:image when Google retires a family.
-DLVM_PROJECT = "deeplearning-platform-release"
-DLVM_FAMILIES = {
-    "ubuntu-22.04": "common-cu128-ubuntu-2204-nvidia-570",
-    "ubuntu-24.04": "common-cu128-ubuntu-2404-nvidia-570",
-}
 BOOT_DISK_TYPE = "pd-balanced"  # supported by N1, G2, A2 and A3 High/Mega
-GVNIC_FAMILIES = ("a3-",)  # A3 machine types require gVNIC
+UNPINNED_IMAGE_HINT = (
+    "gpuforge:image is not set, so this run picked {image}; pin it so later `pulumi up`s keep the nodes on what they "
+    "booted: pulumi config set gpuforge:image {image} (`fab up` does this for you)"
+)
 NONCURRENT_VERSION_DAYS = 30  # checkpoints overwritten more than a month ago are gone
 BUCKET_ROLE = "roles/storage.objectAdmin"  # read, write, list and delete objects of this bucket only
 NODE_SCOPES = [  # the service account's IAM grants decide what is allowed; scopes only narrow it further
@@ -55,25 +51,26 @@ NODE_SCOPES = [  # the service account's IAM grants decide what is allowed; scop
 ]
 
 
-def os_label(os_name: str) -> str:
-    """'ubuntu-22.04' -> 'ubuntu-2204' (label values take no dots)."""
-    return os_name.replace(".", "")
-
-
 def dlvm_image(os_name: str) -> str:
     return f"projects/{DLVM_PROJECT}/global/images/family/{DLVM_FAMILIES[os_name]}"
 
 
-def newest_image(images: list[Any]) -> str | None:
-    """Self link of the newest image by creation timestamp (RFC 3339 strings sort by time)."""
-    if not images:
-        return None
-    newest = max(images, key=lambda img: _field(img, "creation_timestamp"))
-    return _field(newest, "self_link")
+def cluster_labels(spec: ClusterSpec) -> dict[str, str]:
+    """The labels every labellable resource of the cluster carries (the sweep claims by them)."""
+    labels = {CLUSTER_LABEL: spec.name}
+    if spec.cluster_id:
+        labels[CLUSTER_ID_LABEL] = spec.cluster_id
+    return labels
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+def described(text: str, spec: ClusterSpec) -> str:
+    """A description with our ownership marker, for the types that take no labels."""
+    return f"{text} {ownership_marker(spec.name, spec.cluster_id)}"
+
+
+def warn_unpinned(image: str) -> str:
+    pulumi.log.warn(UNPINNED_IMAGE_HINT.format(image=image))
+    return image
 
 
 class GcpGpuCluster(pulumi.ComponentResource):
@@ -85,7 +82,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
         super().__init__("gpuforge:gcp:GpuCluster", name, None, opts)
         self._name = name
         self._spec = spec
-        self._labels = {CLUSTER_LABEL: spec.name}
+        self._labels = cluster_labels(spec)
         self._tag = f"gpuforge-{spec.name}"
         provider = gcp.Provider(
             f"{name}-gcp",
@@ -101,7 +98,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
         subnet = self._create_network()
         account = gcp.serviceaccount.Account(
             f"{name}-sa", account_id=f"gf-{spec.name}-sa", display_name=f"gpuforge cluster {spec.name} nodes",
-            opts=self._child,
+            description=described("gpuforge cluster nodes", spec), opts=self._child,
         )
         bucket = self._create_bucket(account)
         policy = self._create_placement_policy()
@@ -115,26 +112,27 @@ class GcpGpuCluster(pulumi.ComponentResource):
     def _create_network(self) -> gcp.compute.Subnetwork:
         n, spec = self._name, self._spec
         network = gcp.compute.Network(
-            f"{n}-net", auto_create_subnetworks=False, description=f"gpuforge cluster {spec.name}", opts=self._child
+            f"{n}-net", auto_create_subnetworks=False, description=described("gpuforge cluster", spec), opts=self._child
         )
         subnet = gcp.compute.Subnetwork(
             f"{n}-subnet", network=network.id, region=spec.region, ip_cidr_range=SUBNET_CIDR,
-            private_ip_google_access=True, description=f"gpuforge cluster {spec.name}", opts=self._child,
+            private_ip_google_access=True, description=described("gpuforge cluster", spec), opts=self._child,
         )
         if spec.ssh_cidrs:
             gcp.compute.Firewall(
                 f"{n}-ssh", network=network.id, direction="INGRESS",
                 allows=[{"protocol": "tcp", "ports": [SSH_PORT]}], source_ranges=list(spec.ssh_cidrs),
-                target_tags=[self._tag], description="SSH from gpuforge:sshCidrs", opts=self._child,
+                target_tags=[self._tag], description=described("SSH from gpuforge:sshCidrs", spec), opts=self._child,
             )
         gcp.compute.Firewall(
             f"{n}-internal", network=network.id, direction="INGRESS", allows=[{"protocol": "all"}],
             source_tags=[self._tag], target_tags=[self._tag],
-            description="all traffic between cluster nodes (NCCL)", opts=self._child,
+            description=described("all traffic between cluster nodes (NCCL)", spec), opts=self._child,
         )
         return subnet
 
     def _create_bucket(self, account: gcp.serviceaccount.Account) -> gcp.storage.Bucket:
+        """The data bucket: retained by `pulumi destroy` (data policy: `fab down --delete-data` deletes it)."""
         n, spec = self._name, self._spec
         bucket = gcp.storage.Bucket(
             f"gpuforge-{spec.name}",  # Pulumi appends a random suffix: bucket names are global
@@ -146,9 +144,9 @@ class GcpGpuCluster(pulumi.ComponentResource):
                 "action": {"type": "Delete"},
                 "condition": {"days_since_noncurrent_time": NONCURRENT_VERSION_DAYS, "with_state": "ARCHIVED"},
             }],
-            force_destroy=spec.force_destroy_bucket,
+            force_destroy=False,
             labels=self._labels,
-            opts=self._child,
+            opts=pulumi.ResourceOptions.merge(self._child, pulumi.ResourceOptions(retain_on_delete=True)),
         )
         gcp.storage.BucketIAMMember(
             f"{n}-bucket-access", bucket=bucket.name, role=BUCKET_ROLE,
@@ -157,40 +155,37 @@ class GcpGpuCluster(pulumi.ComponentResource):
         return bucket
 
     def _create_placement_policy(self) -> gcp.compute.ResourcePolicy | None:
-        if self._spec.nodes == 1:
+        """A compact placement policy for several nodes of a series that takes one (catalog: A2, A3, G2; not N1)."""
+        spec = self._spec
+        if spec.nodes == 1 or not spec.instance.compact_placement:
             return None
         return gcp.compute.ResourcePolicy(
-            f"{self._name}-placement", region=self._spec.region,
+            f"{self._name}-placement", region=spec.region,
             group_placement_policy={"collocation": "COLLOCATED"},
-            description=f"compact placement for gpuforge cluster {self._spec.name}", opts=self._child,
+            description=described("compact placement for gpuforge cluster nodes", spec), opts=self._child,
         )
 
     def _resolve_image(self) -> pulumi.Output[str]:
-        """The override, else the newest baked gpuforge image for the OS and the GPU's kernel-module flavour (an
-        image baked for V100s runs proprietary modules and torch cu126, one for A100s open modules and cu130),
-        else a Deep Learning VM family."""
+        """The image the stack records (`gpuforge:image`, which `fab up` sets at the first up), else our baked
+        family for the OS and GPU when it holds a READY image (GCE then boots its newest non-deprecated one), else
+        the Deep Learning VM family."""
         spec = self._spec
         if spec.image:
             return pulumi.Output.from_input(spec.image)
-        from provision.versions import open_kernel_modules  # provision is only needed to pick a baked image
-
-        modules = "open" if open_kernel_modules(spec.gpu_model) else "proprietary"
+        family = image_family(spec.os, spec.gpu_model)
         baked = gcp.compute.get_images_output(
-            filter=(f"labels.{BAKED_LABEL}=true AND labels.{OS_LABEL}={os_label(spec.os)} "
-                    f"AND labels.{MODULES_LABEL}={modules}"),
+            filter=f'{baked_image_filter(spec.os, spec.gpu_model)} (status = "READY")',
             project=spec.project,
             opts=pulumi.InvokeOutputOptions(provider=self._provider, parent=self),
         )
 
         def pick(images: list[Any]) -> str:
-            link = newest_image(images)
-            if link is None:
-                pulumi.log.info(f"no baked gpuforge image for {spec.os} with {modules} driver modules in "
-                                f"{spec.project}; using the DLVM image")
+            if not images:
+                pulumi.log.info(f"no baked gpuforge image in family {family} of {spec.project}; using the DLVM image")
                 return dlvm_image(spec.os)
-            return link
+            return f"projects/{spec.project}/global/images/family/{family}"
 
-        return baked.images.apply(pick)
+        return baked.images.apply(pick).apply(warn_unpinned)
 
     def _scheduling(self) -> dict[str, Any]:
         # GPU VMs cannot live-migrate: they must stop for host maintenance.
@@ -211,7 +206,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
         """One VM; returns its (public, private) address."""
         spec = self._spec
         nic: dict[str, Any] = {"subnetwork": subnet.id, "access_configs": [{}]}  # ephemeral external IP
-        if spec.instance_type.startswith(GVNIC_FAMILIES):
+        if spec.instance.gvnic:  # A3 requires gVNIC (catalog)
             nic["nic_type"] = "GVNIC"
         accelerators = []
         if spec.accelerator:
@@ -242,10 +237,16 @@ class GcpGpuCluster(pulumi.ComponentResource):
             labels={**self._labels, "gpuforge-rank": str(rank)},
             allow_stopping_for_update=True,
             opts=self._child,
+            **self._shutdown_options(),
         )
         nic_out = instance.network_interfaces[0]
         public = nic_out.access_configs.apply(lambda configs: configs[0].nat_ip if configs else "")
         return public, nic_out.network_ip
+
+    def _shutdown_options(self) -> dict[str, Any]:
+        """Instance arguments for what a VM does when its OS shuts down or it is preempted (the place for autostop).
+        None beyond `scheduling` yet."""
+        return {}
 
     def _cluster_output(
         self, addresses: list[tuple[pulumi.Output[str], pulumi.Output[str]]], bucket: pulumi.Output[str]

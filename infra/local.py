@@ -132,7 +132,7 @@ def create_local_cluster(name: str, nodes: int, home: Path, login_user: str = ""
             known.append(f"[{info.public_address}]:{info.ssh_port} {' '.join(host_pub.split()[:2])}")
     except BaseException:
         stop_processes(state)
-        shutil.rmtree(state, ignore_errors=True)
+        remove_state(state, keep_storage=True)  # a storage folder kept from an earlier cluster stays
         raise
     (keys / "known_hosts").write_text("\n".join(known) + "\n")
     vm = {"node_mode": "machine", "login_user": login_user, "boot_hook": boot_hook} if login_user else {}
@@ -310,11 +310,23 @@ def stop_processes(state: Path) -> int:
     return len({pid for pid, _ in procs} | daemons)
 
 
-def destroy_local_cluster(state: Path) -> str:
-    """Stop everything the cluster started and remove its state; safe to call twice."""
+def remove_state(state: Path, keep_storage: bool) -> None:
+    """Remove the cluster's state dir; with keep_storage, all but its storage folder (the user's data)."""
+    if not keep_storage or not (state / "storage").exists():
+        shutil.rmtree(state, ignore_errors=True)
+        return
+    for entry in state.iterdir():
+        if entry.name != "storage":
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def destroy_local_cluster(state: Path, keep_storage: bool = False) -> str:
+    """Stop everything the cluster started and remove its state (with keep_storage: all but the storage folder,
+    which holds every run's checkpoints and models); safe to call twice."""
     state = Path(state)
     if not state.exists():
         return f"nothing to remove at {state}"
     count = stop_processes(state)
-    shutil.rmtree(state, ignore_errors=True)
-    return f"stopped {count} process(es) and removed {state}"
+    remove_state(state, keep_storage)
+    kept = " (its storage folder is kept)" if keep_storage and (state / "storage").exists() else ""
+    return f"stopped {count} process(es) and removed {state}{kept}"

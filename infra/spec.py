@@ -44,6 +44,10 @@ SSH_KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
+# EC2 ImportKeyPair imports only RSA and ED25519 public keys (EC2 API reference, ImportKeyPair); GCE metadata
+# `ssh-keys` takes every OpenSSH type above.
+AWS_SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+CLUSTER_ID_RE = re.compile(r"^[a-z0-9]{6,32}$")  # a GCP label value and an AWS tag value alike
 NODE_USER = "ubuntu"  # the login user of Ubuntu cloud images, DLAMI and DLVM alike
 NODE_SSH_PORT = 22
 DEFAULTS = {  # per cloud: the cheapest widely available single-GPU type and the reference price region
@@ -66,7 +70,12 @@ STACK_KEYS = {
     "sshKeyPath": "ssh_key_path",
     "image": "image",
     "os": "os",
-    "forceDestroyBucket": "force_destroy_bucket",
+    "clusterId": "cluster_id",
+}
+# Keys an earlier release took, with what replaces them.
+RETIRED_KEYS = {
+    "forceDestroyBucket": "the bucket is kept by every `fab down` / `pulumi destroy` (data policy); "
+                          "`fab down --delete-data` deletes it after a confirmation",
 }
 SSH_CIDRS_HINT = (
     "gpuforge:sshCidrs is empty, so the nodes accept no SSH from the internet. Allow your address with: "
@@ -120,8 +129,8 @@ class ClusterSpec(BaseModel):
     ssh_key_path: str = ""  # private key on the controller, carried into ClusterInfo
     image: str = ""  # override: AMI id / GCE image self link or family URL
     os: Literal["ubuntu-22.04", "ubuntu-24.04"] = "ubuntu-22.04"
-    force_destroy_bucket: bool = False
     project: str = ""  # GCP project
+    cluster_id: str = ""  # random id given at registration: tags tell this cluster from another of its name
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -183,6 +192,13 @@ class ClusterSpec(BaseModel):
         acc, count = catalog.parse_accelerator(v.strip())
         return f"{acc.name}:{count}"
 
+    @field_validator("cluster_id")
+    @classmethod
+    def _check_cluster_id(cls, v: str) -> str:
+        if v and not CLUSTER_ID_RE.match(v):
+            raise ValueError(f"cluster_id {v!r} must be 6-32 lowercase letters and digits")
+        return v
+
     @field_validator("project")
     @classmethod
     def _check_project(cls, v: str) -> str:
@@ -213,7 +229,24 @@ class ClusterSpec(BaseModel):
         if self.zone not in zones:
             raise ValueError(_zone_message(self.cloud, self.region, self.zone, zones))
         self._check_accelerator(inst)
+        self._check_cloud_network()
         return self
+
+    def _check_cloud_network(self) -> None:
+        """What the cloud takes: EC2 imports RSA and ED25519 keys only; our VPCs and networks are IPv4-only."""
+        key_type = self.ssh_public_key.split()[0] if self.ssh_public_key else ""
+        if self.cloud == "aws" and key_type and key_type not in AWS_SSH_KEY_TYPES:
+            raise ValueError(
+                f"ssh_public_key has type {key_type}, but EC2 imports only {' and '.join(AWS_SSH_KEY_TYPES)} keys; "
+                "make one with: ssh-keygen -t ed25519 -f ~/.ssh/gpuforge_ed25519"
+            )
+        ipv6 = [c for c in self.ssh_cidrs if ipaddress.ip_network(c).version == 6]
+        if ipv6:
+            raise ValueError(
+                f"ssh_cidrs entry {ipv6[0]!r} is IPv6, but gpuforge's {self.cloud} networks are IPv4-only (the nodes "
+                "get no IPv6 address, so the rule would let nobody in); give the IPv4 address you connect from, "
+                "e.g. 203.0.113.4/32"
+            )
 
     def _check_accelerator(self, inst: catalog.InstanceType) -> None:
         names = [a.name for a in catalog.accelerators()]
@@ -334,6 +367,8 @@ class ClusterSpec(BaseModel):
                 "nvswitch": self.nvswitch,
                 "os": self.os,
                 "cost_per_hour": self.cost_per_hour,
+                "project": self.project,
+                "cluster_id": self.cluster_id,
                 **(extra or {}),
             },
         )
@@ -345,6 +380,11 @@ class ClusterSpec(BaseModel):
     ) -> ClusterSpec:
         """Build a spec from stack config (`gpuforge:*` keys; `gcp:project`; `aws:region`/`gcp:region`
         as fallbacks). `name` (usually the stack name) applies when `gpuforge:name` is not set."""
+        retired = sorted(k for k in values if k.partition(":")[2] in RETIRED_KEYS and k.startswith("gpuforge:"))
+        if retired:
+            key = retired[0].partition(":")[2]
+            raise SpecError(f"stack config key gpuforge:{key} is no longer used: {RETIRED_KEYS[key]}; "
+                            f"remove it with: pulumi config rm gpuforge:{key}")
         unknown = sorted(k for k in values if k.startswith("gpuforge:") and k.partition(":")[2] not in STACK_KEYS)
         if unknown:
             valid = ", ".join(f"gpuforge:{k}" for k in STACK_KEYS)

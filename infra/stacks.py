@@ -1,17 +1,24 @@
-"""The cloud path of `fab up` / `fab down`: the repo's Pulumi program driven by the Automation API.
+"""The cloud path of `fab up` / `fab down`: the repo's Pulumi program, driven through a stack engine.
 
-    spec = ClusterSpec(cloud="aws", name="demo", nodes=2, instance_type="p4d.24xlarge", ...)
-    info = up_stack(spec, state_dir)            # pulumi up; returns the ClusterInfo of the `cluster` output
-    destroy_stack("demo", "aws", state_dir)     # pulumi destroy, then the stack is removed
+    engine = engine_for(state_dir)                     # the Automation API (needs the `pulumi` CLI)
+    info = up_stack(spec, state_dir)                   # pulumi up; the ClusterInfo of the `cluster` output
+    plan = preview_stack(spec, state_dir)              # what an up with this spec would change
+    destroy_stack("demo", "aws", state_dir)            # pulumi destroy (the data bucket is retained), stack removed
 
-The program is the same one `pulumi up` at the repo root runs (Pulumi.yaml, `main: infra/`); the stack's
-name is the cluster's name and its config is set from the spec. It needs the `pulumi` CLI on PATH.
+The program is the same one `pulumi up` at the repo root runs (Pulumi.yaml, `main: infra/`); the stack's name is the
+cluster's name and its config is set from the spec.
 
-State: by default a file backend at `file://<state_dir>/pulumi` (PULUMI_BACKEND_URL, when set, wins: use it
-for a shared backend such as s3://). A file backend encrypts secrets with a passphrase; when neither
+The engine is a seam: `ENGINE_FACTORY(state_dir)` gives the object that runs the program. In production it is
+`AutomationEngine` (Pulumi's Automation API over the CLI). The lifecycle tests put a stand-in there that runs the same
+program under Pulumi's mocks with preview=False and creates the resources in moto / a local Compute endpoint
+(tests/fakes/engine.py, which says where it differs from a real `pulumi up`).
+
+State: by default a file backend at `file://<state_dir>/pulumi` (PULUMI_BACKEND_URL, when set, wins: use it for a
+shared backend such as s3://). A file backend encrypts secrets with a passphrase; when neither
 PULUMI_CONFIG_PASSPHRASE nor PULUMI_CONFIG_PASSPHRASE_FILE is set, a random passphrase is generated once into
-`<state_dir>/pulumi/passphrase` (mode 0600) and used for every later call, so `fab down` works without a prompt.
-Keep that file with the state: without it the stack cannot be read. gpuforge stores no secret values in config.
+`<state_dir>/pulumi/passphrase` (mode 0600) and used for every later call, so `fab down` works without a prompt, and
+`--cluster pulumi:STACK` reads the stack with the same backend and passphrase. Keep that file with the state.
+gpuforge stores no secret values in config.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from infra.cluster import ClusterInfo
 from infra.errors import ClusterError, PulumiCliMissingError, StackError
@@ -39,6 +46,50 @@ PULUMI_INSTALL_HINT = (
 )
 PASSPHRASE_BYTES = 32
 ERROR_TAIL_LINES = 15  # lines of pulumi's stderr carried into our error message
+Output = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One resource the stack records: what the sweep claims besides tags."""
+
+    type: str
+    name: str
+    id: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    retain: bool = False
+
+    def keys(self) -> set[str]:
+        """The identifiers the clouds list it by: id, self link, email, bucket name, and physical names (the sweep
+        matches a name only for kinds whose names are unique)."""
+        found = {self.id}
+        for key in ("name", "selfLink", "email", "bucket", "keyName", "arn", "allocationId"):
+            value = self.outputs.get(key)
+            if isinstance(value, str):
+                found.add(value)
+        return {k for k in found if k}
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What an up would do: op -> count, and (op, type, name) for each resource that changes."""
+
+    counts: dict[str, int]
+    steps: list[tuple[str, str, str]]
+
+    def of(self, op: str, type_suffix: str = "") -> list[str]:
+        return [name for o, typ, name in self.steps if o == op and typ.endswith(type_suffix)]
+
+
+class StackEngine(Protocol):
+    def check(self) -> None: ...  # raises when the engine cannot run (no pulumi CLI)
+    def exists(self, stack: str) -> bool: ...
+    def config(self, stack: str) -> dict[str, str]: ...
+    def up(self, stack: str, config: Mapping[str, str], on_output: Output) -> dict[str, Any]: ...
+    def preview(self, stack: str, config: Mapping[str, str], on_output: Output) -> Preview: ...
+    def destroy(self, stack: str, on_output: Output) -> None: ...
+    def outputs(self, stack: str) -> dict[str, Any]: ...
+    def recorded(self, stack: str) -> list[Recorded]: ...
 
 
 def require_pulumi_cli() -> str:
@@ -80,22 +131,6 @@ def stale_config_keys(existing: Mapping[str, Any], wanted: Mapping[str, str]) ->
     return sorted(k for k in existing if k.startswith("gpuforge:") and k not in wanted)
 
 
-def _stack(name: str, state_dir: Path, create: bool) -> Any:
-    """Select (or create) the stack `name` of the repo's program."""
-    require_pulumi_cli()
-    from pulumi import automation as auto
-
-    opts = auto.LocalWorkspaceOptions(work_dir=str(REPO_ROOT), env_vars=workspace_env(state_dir))
-    try:
-        if create:
-            return auto.create_or_select_stack(stack_name=name, work_dir=str(REPO_ROOT), opts=opts)
-        return auto.select_stack(stack_name=name, work_dir=str(REPO_ROOT), opts=opts)
-    except auto.StackNotFoundError as exc:
-        raise StackError(f"no stack {name!r} in {backend_url(state_dir)}; `fab up` creates it") from exc
-    except auto.CommandError as exc:
-        raise StackError(f"cannot open stack {name!r} in {backend_url(state_dir)}: {_tail(exc)}") from exc
-
-
 def _tail(exc: Exception) -> str:
     text = str(getattr(exc, "stderr", "") or exc)
     return " | ".join(line.strip() for line in text.strip().splitlines()[-ERROR_TAIL_LINES:] if line.strip())
@@ -106,53 +141,149 @@ def _output_values(outputs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in outputs.items()}
 
 
-def up_stack(spec: ClusterSpec, state_dir: Path, on_output: Callable[[str], Any] = print) -> ClusterInfo:
+class AutomationEngine:
+    """Pulumi's Automation API over the CLI, with the backend and passphrase of `state_dir`."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+
+    def check(self) -> None:
+        require_pulumi_cli()
+
+    def _stack(self, name: str, create: bool) -> Any:
+        require_pulumi_cli()
+        from pulumi import automation as auto
+
+        opts = auto.LocalWorkspaceOptions(work_dir=str(REPO_ROOT), env_vars=workspace_env(self.state_dir))
+        try:
+            if create:
+                return auto.create_or_select_stack(stack_name=name, work_dir=str(REPO_ROOT), opts=opts)
+            return auto.select_stack(stack_name=name, work_dir=str(REPO_ROOT), opts=opts)
+        except auto.StackNotFoundError as exc:
+            raise StackError(f"no stack {name!r} in {backend_url(self.state_dir)}; `fab up` creates it") from exc
+        except auto.CommandError as exc:
+            raise StackError(f"cannot open stack {name!r} in {backend_url(self.state_dir)}: {_tail(exc)}") from exc
+
+    def _set_config(self, stack: Any, config: Mapping[str, str]) -> None:
+        from pulumi import automation as auto
+
+        stale = stale_config_keys(stack.get_all_config(), config)
+        if stale:
+            stack.remove_all_config(stale)
+        stack.set_all_config({k: auto.ConfigValue(value=v) for k, v in config.items()})
+
+    def exists(self, stack: str) -> bool:
+        try:
+            self._stack(stack, create=False)
+        except StackError:
+            return False
+        return True
+
+    def config(self, stack: str) -> dict[str, str]:
+        return {k: getattr(v, "value", v) for k, v in self._stack(stack, create=False).get_all_config().items()}
+
+    def up(self, stack: str, config: Mapping[str, str], on_output: Output) -> dict[str, Any]:
+        from pulumi import automation as auto
+
+        handle = self._stack(stack, create=True)
+        try:
+            self._set_config(handle, config)
+            return _output_values(handle.up(on_output=on_output).outputs)
+        except auto.CommandError as exc:
+            raise StackError(f"pulumi up failed for stack {stack!r}: {_tail(exc)}") from exc
+
+    def preview(self, stack: str, config: Mapping[str, str], on_output: Output) -> Preview:
+        """A preview with `config`; the stack's own config is put back afterwards."""
+        from pulumi import automation as auto
+
+        handle = self._stack(stack, create=True)
+        before = self.config(stack)
+        steps: list[tuple[str, str, str]] = []
+
+        def on_event(event: Any) -> None:
+            pre = getattr(event, "resource_pre_event", None)
+            if pre is not None and pre.metadata.op.value != "same":
+                steps.append((pre.metadata.op.value, pre.metadata.type, pre.metadata.urn.rsplit("::", 1)[-1]))
+
+        try:
+            self._set_config(handle, config)
+            result = handle.preview(on_output=on_output, on_event=on_event)
+        except auto.CommandError as exc:
+            raise StackError(f"pulumi preview failed for stack {stack!r}: {_tail(exc)}") from exc
+        finally:
+            self._set_config(handle, before)
+        return Preview({getattr(k, "value", k): v for k, v in result.change_summary.items()}, steps)
+
+    def destroy(self, stack: str, on_output: Output) -> None:
+        from pulumi import automation as auto
+
+        try:
+            self._stack(stack, create=False).destroy(on_output=on_output, remove=True)
+        except auto.CommandError as exc:
+            raise StackError(f"pulumi destroy failed for stack {stack!r}: {_tail(exc)}") from exc
+
+    def outputs(self, stack: str) -> dict[str, Any]:
+        from pulumi import automation as auto
+
+        try:
+            return _output_values(self._stack(stack, create=False).outputs())
+        except auto.CommandError as exc:
+            raise StackError(f"cannot read the outputs of stack {stack!r}: {_tail(exc)}") from exc
+
+    def recorded(self, stack: str) -> list[Recorded]:
+        deployment = self._stack(stack, create=False).export_stack().deployment or {}
+        return [Recorded(type=r.get("type", ""), name=r.get("urn", "").rsplit("::", 1)[-1], id=r.get("id", ""),
+                         outputs=r.get("outputs", {}) or {}, retain=bool(r.get("retainOnDelete")))
+                for r in deployment.get("resources", []) if r.get("custom") and r.get("id")]
+
+
+ENGINE_FACTORY: Callable[[Path], StackEngine] = AutomationEngine  # the seam (module docstring)
+
+
+def engine_for(state_dir: Path) -> StackEngine:
+    return ENGINE_FACTORY(Path(state_dir))
+
+
+def up_stack(spec: ClusterSpec, state_dir: Path, on_output: Output = print) -> ClusterInfo:
     """Create or update the cluster of `spec`; returns its ClusterInfo (state_dir set to `state_dir`)."""
     if spec.cloud not in ("aws", "gcp"):
         raise StackError(f"up_stack creates aws or gcp clusters, not {spec.cloud!r}")
     spec.check_deployable()
-    stack = _stack(spec.name, Path(state_dir), create=True)
-    from pulumi import automation as auto
-
-    wanted = spec.to_stack_config()
-    try:
-        stale = stale_config_keys(stack.get_all_config(), wanted)
-        if stale:
-            stack.remove_all_config(stale)
-        stack.set_all_config({k: auto.ConfigValue(value=v) for k, v in wanted.items()})
-        logger.info("pulumi up: stack %s, %d x %s, about $%.2f/h", spec.name, spec.nodes, spec.instance_type,
-                    spec.cost_per_hour)
-        result = stack.up(on_output=on_output)
-    except auto.CommandError as exc:
-        raise StackError(f"pulumi up failed for stack {spec.name!r}: {_tail(exc)}") from exc
-    info = cluster_from_outputs(_output_values(result.outputs))
-    return replace(info, state_dir=str(state_dir))
+    engine = engine_for(state_dir)
+    logger.info("pulumi up: stack %s, %d x %s, about $%.2f/h", spec.name, spec.nodes, spec.instance_type,
+                spec.cost_per_hour)
+    outputs = engine.up(spec.name, spec.to_stack_config(), on_output)
+    return replace(cluster_from_outputs(outputs), state_dir=str(state_dir))
 
 
-def destroy_stack(name: str, cloud: str, state_dir: Path, on_output: Callable[[str], Any] = print) -> None:
-    """Destroy every resource of the stack `name`, then remove the stack from the backend."""
-    stack = _stack(name, Path(state_dir), create=False)
-    from pulumi import automation as auto
+def preview_stack(spec: ClusterSpec, state_dir: Path, on_output: Output = print) -> Preview:
+    spec.check_deployable()
+    return engine_for(state_dir).preview(spec.name, spec.to_stack_config(), on_output)
 
-    try:
-        configured = stack.get_all_config().get("gpuforge:cloud")
-        configured_cloud = getattr(configured, "value", None)
-        if configured_cloud and configured_cloud != cloud:
-            raise StackError(f"stack {name!r} is a {configured_cloud} cluster, not {cloud}; nothing destroyed")
-        stack.destroy(on_output=on_output, remove=True)  # remove=True: the stack goes once it is empty
-    except auto.CommandError as exc:
-        raise StackError(f"pulumi destroy failed for stack {name!r}: {_tail(exc)}") from exc
+
+def stack_config(name: str, state_dir: Path) -> dict[str, str]:
+    """The stack's config ({} when there is no stack yet)."""
+    engine = engine_for(state_dir)
+    return engine.config(name) if engine.exists(name) else {}
+
+
+def recorded_resources(name: str, state_dir: Path) -> list[Recorded]:
+    engine = engine_for(state_dir)
+    return engine.recorded(name) if engine.exists(name) else []
+
+
+def destroy_stack(name: str, cloud: str, state_dir: Path, on_output: Output = print) -> None:
+    """Destroy every resource of the stack `name` (the retained data bucket stays), then remove the stack."""
+    engine = engine_for(state_dir)
+    configured = engine.config(name).get("gpuforge:cloud")
+    if configured and configured != cloud:
+        raise StackError(f"stack {name!r} is a {configured} cluster, not {cloud}; nothing destroyed")
+    engine.destroy(name, on_output)
 
 
 def stack_outputs(name: str, state_dir: Path) -> dict[str, Any]:
     """The stack's outputs as plain values ({"cluster": {...}, "costPerHour": ...})."""
-    stack = _stack(name, Path(state_dir), create=False)
-    from pulumi import automation as auto
-
-    try:
-        return _output_values(stack.outputs())
-    except auto.CommandError as exc:
-        raise StackError(f"cannot read the outputs of stack {name!r}: {_tail(exc)}") from exc
+    return engine_for(state_dir).outputs(name)
 
 
 def cluster_from_outputs(outputs: Mapping[str, Any] | str) -> ClusterInfo:

@@ -1,4 +1,9 @@
-"""Creating and destroying clusters for `fab up` / `fab down`, whatever their source."""
+"""Creating and destroying clusters for `fab up` / `fab down`, whatever their source and state.
+
+Cloud clusters are in provision/cloud_clusters.py. The data policy (provision/data.py) is the same for all: `down`
+keeps the data and says where and how much, `down --delete-data` deletes it after a confirmation. For a local
+cluster the data is its storage folder (`<home>/clusters/<name>/storage`, every run's checkpoints and models).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from infra.cluster import ClusterInfo
-from provision import inventory
+from provision import data, inventory, registry
 from provision.errors import InventoryError, ProvisionError
 
 logger = logging.getLogger(__name__)
@@ -20,7 +25,11 @@ def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> Clu
         raise InventoryError(f"cluster name {name!r} must be lowercase letters, digits and '-' (max 39)")
     if nodes < 1:
         raise InventoryError(f"--nodes must be >= 1; got {nodes}")
-    return create_local_cluster(name, nodes, home, login_user=login_user)
+    if registry.load(home, name) is not None:
+        raise InventoryError(f"a cloud cluster named {name} is registered; `fab down --cluster {name}` first")
+    cluster = create_local_cluster(name, nodes, home, login_user=login_user)
+    registry.drop_data(home, name, {Path(cluster.storage_url.removeprefix("file://")).resolve().as_uri()})
+    return cluster
 
 
 def register_hosts(home: Path, path: Path) -> ClusterInfo:
@@ -41,54 +50,61 @@ def ensure_cluster_key(home: Path, name: str) -> tuple[str, str]:
     return private.with_suffix(".pub").read_text().strip(), str(private)
 
 
-def create_cloud_cluster(home: Path, *, cloud: str, name: str, nodes: int, instance_type: str, accelerator: str,
-                         region: str, zone: str, spot: bool, disk_gb: int, os_name: str, ssh_cidrs: list[str],
-                         project: str, yes: bool) -> ClusterInfo:
-    """Validate the spec (no cloud call yet), show the cost, confirm, then `pulumi up` via Automation API."""
-    from infra.spec import ClusterSpec
-    from infra.stacks import require_pulumi_cli, up_stack
+def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = False) -> None:
+    """`fab down`: from any state (ready, creating, failed, or only its data left)."""
+    from provision.cloud_clusters import console, down_cloud, finish_data, tidy
 
-    values = {"cloud": cloud, "name": name or f"{cloud}-gpu", "nodes": nodes, "spot": spot, "ssh_cidrs": ssh_cidrs}
-    optional = {"instance_type": instance_type, "accelerator": accelerator, "region": region, "zone": zone,
-                "disk_gb": disk_gb, "os": os_name, "project": project}
-    values.update({k: v for k, v in optional.items() if v})
-    spec = ClusterSpec(**values)  # SpecError names the bad value and the choices
-    require_pulumi_cli()
-    public, private = ensure_cluster_key(home, spec.name)
-    spec = spec.model_copy(update={"ssh_public_key": public, "ssh_key_path": private})
-    spec.check_deployable()
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    console.print(f"{spec.nodes} x {spec.instance_type} ({spec.gpu_count} x {spec.gpu_model or 'GPU'}) in "
-                  f"{spec.zone}{' (spot)' if spec.spot else ''}: about [bold]${spec.cost_per_hour:,.2f}/h[/] "
-                  f"(catalog reference price)")
-    if not spec.ssh_cidrs:
-        console.print("[yellow]no --ssh-cidr given: the nodes get no public SSH ingress[/]")
-    if not yes and not console.input("create it? [y/N] ").strip().lower().startswith("y"):
-        raise ProvisionError("cancelled; nothing was created")
-    state = inventory.cluster_dir(home, spec.name)
-    cluster = up_stack(spec, state, on_output=lambda line: console.print(line, end=""))
-    return inventory.register(home, cluster)
-
-
-def destroy(home: Path, ref: str | None, purge: bool = False, yes: bool = False) -> None:
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    cluster = inventory.resolve(home, ref)
-    if cluster.cloud == "local":
-        from infra.local import destroy_local_cluster
-
-        console.print(destroy_local_cluster(Path(cluster.state_dir)))
-    elif cluster.cloud in ("aws", "gcp"):
-        destroy_cloud(home, cluster, purge, console)
-    else:
-        stop_host_runs(home, cluster, console)
+    out = console()
+    name = ref or inventory.current_name(home)
+    registration = registry.load(home, name) if name and inventory.NAME.match(name) else None
+    cluster = None
+    try:
+        cluster = inventory.resolve(home, ref)
+    except InventoryError:
+        if registration is None and not (name and registry.kept_data(home, name)):
+            raise
+    if cluster is not None and cluster.cloud == "local":
+        destroy_local(home, cluster, delete_data, yes)
+    elif cluster is not None and cluster.cloud == "hosts":
+        stop_host_runs(home, cluster, out)
         shutil.rmtree(inventory.cluster_dir(home, cluster.name), ignore_errors=True)
-        console.print(f"forgot hosts cluster {cluster.name} (its machines are yours and keep running)")
-    if inventory.current_name(home) == cluster.name:
+        out.print(f"forgot hosts cluster {cluster.name} (its machines are yours and keep running)")
+    elif cluster is not None or registration is not None:
+        name = cluster.name if cluster else registration.name
+        cloud = cluster.cloud if cluster else registration.cloud
+        region = (registration.region if registration else "") or (cluster.region if cluster else "")
+        project = (registration.project if registration else "") or (cluster.extra.get("project", "") if cluster else "")
+        cluster_id = (registration.cluster_id if registration else "") or (
+            cluster.extra.get("cluster_id", "") if cluster else "")
+        down_cloud(home, name, cloud, region, project, cluster_id, delete_data=delete_data, yes=yes)
+    else:  # only its kept data is left
+        kept = registry.kept_data(home, name)
+        if not delete_data:
+            out.print(f"cluster {name} is down; its data is kept: {data.summary(kept)}; "
+                      f"`fab down --delete-data --cluster {name}` deletes it")
+            return
+        finish_data(home, name, [], True, yes, out)
+        tidy(home, name)
+    if inventory.current_name(home) == name:
         inventory.select(home, None)
+
+
+def destroy_local(home: Path, cluster: ClusterInfo, delete_data: bool, yes: bool) -> None:
+    """Stop the local cluster and remove its state; the storage folder is the data: kept unless told."""
+    from infra.local import destroy_local_cluster
+    from provision.cloud_clusters import console, finish_data, tidy
+
+    out = console()
+    storage = Path(cluster.storage_url.removeprefix("file://")) if cluster.storage_url.startswith("file://") else None
+    held = data.measure_folder(storage) if storage and storage.exists() else None
+    if delete_data and held and held.objects:
+        data.confirm_deletion(out, [held], yes)  # before anything stops: a "no" changes nothing
+    out.print(destroy_local_cluster(Path(cluster.state_dir), keep_storage=True))
+    kept = [held] if held and held.objects else []
+    if held and not held.objects and storage is not None:
+        shutil.rmtree(storage, ignore_errors=True)
+    finish_data(home, cluster.name, kept, delete_data, True, out)
+    tidy(home, cluster.name)
 
 
 def stop_host_runs(home: Path, cluster: ClusterInfo, console) -> None:
@@ -100,26 +116,14 @@ def stop_host_runs(home: Path, cluster: ClusterInfo, console) -> None:
             logger.info(line)
 
 
-def destroy_cloud(home: Path, cluster: ClusterInfo, purge: bool, console) -> None:
-    from infra.stacks import destroy_stack
-    from infra.sweep import find_aws_leftovers, find_gcp_leftovers, purge_leftovers, render_leftovers
+def create_cloud_cluster(home: Path, *, cloud: str, name: str, yes: bool, given: dict | None = None,
+                         roll_image: bool = False, **fields) -> ClusterInfo:
+    """`up` of a cloud cluster (provision/cloud_clusters.py). `given` holds what the user gave (a later up keeps the
+    rest); the keyword form (nodes=, instance_type=, os_name=, ssh_cidrs=, ...) is the same thing."""
+    from provision.cloud_clusters import up_cloud
 
-    state = inventory.cluster_dir(home, cluster.name)
-    destroy_stack(cluster.name, cluster.cloud, state, on_output=lambda line: console.print(line, end=""))
-    if cluster.cloud == "aws":
-        leftovers = find_aws_leftovers(cluster.name, cluster.region)
-    else:
-        leftovers = find_gcp_leftovers(cluster.name, cluster.extra.get("project", ""), cluster.region)
-    if not leftovers:
-        console.print(f"no resources tagged gpuforge:cluster={cluster.name} are left")
-        shutil.rmtree(state, ignore_errors=True)
-        return
-    console.print(render_leftovers(leftovers))
-    if not purge:
-        raise ProvisionError(f"{len(leftovers)} resource(s) of cluster {cluster.name} are left (listed above); "
-                             "`fab down --purge` deletes them")
-    failures = [(lo, err) for lo, err in purge_leftovers(leftovers, project=cluster.extra.get("project", "")) if err]
-    if failures:
-        raise ProvisionError("could not delete: " + "; ".join(f"{lo.kind} {lo.id}: {err}" for lo, err in failures))
-    console.print(f"deleted {len(leftovers)} leftover resource(s)")
-    shutil.rmtree(state, ignore_errors=True)
+    if cloud not in ("aws", "gcp"):
+        raise ProvisionError(f"--cloud must be aws, gcp or local, got {cloud!r}")
+    if given is None:
+        given = {("os" if k == "os_name" else k): v for k, v in fields.items()}
+    return up_cloud(home, cloud, name, given, yes=yes, roll_image=roll_image)

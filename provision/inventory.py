@@ -76,7 +76,7 @@ def resolve(home: Path, ref: str | None = None) -> ClusterInfo:
             there = f"known clusters: {known}; pick one with `gpuforge use NAME`" if known else "there are none yet"
             raise InventoryError(f"no cluster selected ({there}): create one with `gpuforge up`, "
                                  "or pass --cluster NAME|HOSTS.yaml|pulumi:STACK")
-    source = cluster_from_source(ref)
+    source = cluster_from_source(ref, home)
     if source is not None:
         return attach(home, source)
     record = cluster_dir(home, ref) / "cluster.json"
@@ -85,14 +85,23 @@ def resolve(home: Path, ref: str | None = None) -> ClusterInfo:
             return ClusterInfo.load(record)
         except ClusterError as exc:
             raise InventoryError(f"cluster {ref}: {exc}") from exc
+    pending = cluster_dir(home, ref) / "registration.json"
+    if pending.exists():
+        state = json.loads(pending.read_text())
+        why = state.get("error") or "its `fab up` has not finished"
+        raise InventoryError(f"cluster {ref} is {state.get('state')} ({why}); `fab up` again, or "
+                             f"`fab down --cluster {ref}` removes what it made")
+    if (cluster_dir(home, ref) / "kept-data.json").exists():
+        raise InventoryError(f"cluster {ref} is down; only its data is kept (`fab down --delete-data --cluster {ref}` "
+                             "deletes it)")
     known = ", ".join(known_clusters(home)) or "none yet"
     raise InventoryError(f"unknown cluster {ref!r}; known clusters: {known} (or give a hosts .yaml, a stack output .json, or pulumi:STACK)")
 
 
-def cluster_from_source(ref: str) -> ClusterInfo | None:
+def cluster_from_source(ref: str, home: Path | None = None) -> ClusterInfo | None:
     """The cluster a file or stack reference describes, or None when `ref` is a name."""
     if ref.startswith("pulumi:"):
-        return cluster_from_stack(ref.removeprefix("pulumi:"))
+        return cluster_from_stack(ref.removeprefix("pulumi:"), home)
     path = Path(ref).expanduser()
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return load_hosts_file(path)
@@ -137,13 +146,18 @@ def load_cluster_json(path: Path) -> ClusterInfo:
         raise InventoryError(f"{path}: {exc}") from exc
 
 
-def cluster_from_stack(stack: str) -> ClusterInfo:
-    from infra.stacks import cluster_from_outputs, require_pulumi_cli
+def cluster_from_stack(stack: str, home: Path | None = None) -> ClusterInfo:
+    """The `cluster` output of a stack. A stack `fab up` made is read with the backend and passphrase `fab up` used
+    (its folder under $GPUFORGE_HOME); any other with the Pulumi CLI's own login."""
+    from infra.stacks import cluster_from_outputs, require_pulumi_cli, stack_outputs
 
+    state = cluster_dir(home, stack) if home is not None else None
     try:
+        if state is not None and state.exists():
+            return cluster_from_outputs(stack_outputs(stack, state))
         pulumi = require_pulumi_cli()
     except ClusterError as exc:
-        raise InventoryError(str(exc)) from exc
+        raise InventoryError(f"stack {stack}: {exc}") from exc
     result = subprocess.run([pulumi, "stack", "output", "--json", "--show-secrets", "--stack", stack],
                             capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,18 +1,17 @@
-"""Find, report and purge what a cluster left behind after `pulumi destroy`.
+"""Find, report and purge what carries our tags, for `fab down` (after the destroy) and `fab sweep`.
 
-`fab down` calls `find_aws_leftovers` / `find_gcp_leftovers` after the destroy, shows
-`render_leftovers(...)`, and with `--purge` calls `purge_leftovers(...)`.
+    found = find_aws_leftovers("demo", "us-east-1", recorded=frozenset(ids_the_stack_recorded))
+    data, rest = split_data(found)          # buckets with objects are the user's data: never purged silently
+    results = purge_leftovers(rest)         # [(leftover, error or None)], in dependency order
 
-- AWS: every resource infra/aws.py creates carries the tag `gpuforge:cluster=<name>`; the sweep
-  lists each EC2 kind with that tag filter, and the S3 buckets whose tagging has it.
-- GCP: resources with labels carry `gpuforge-cluster=<name>`; those without (firewalls, networks,
-  subnetworks, resource policies) are named `<name>-...`, so they are matched by that prefix, and
-  firewalls and subnetworks also by sitting in one of the cluster's networks.
+- AWS: every resource infra/aws.py creates carries `gpuforge:cluster=<name>` (and `gpuforge:cluster-id`): each EC2
+  kind (launch templates included) is listed with a tag filter, IAM roles and instance profiles under /gpuforge/
+  by their tags (and their region tag), S3 buckets by their tagging.
+- GCP: labelled types by the label; networks, subnetworks, firewalls, resource policies and service accounts by the
+  ownership marker in their description.
+- Either: what the stack recorded (ids, names, self links) is claimed too. Nothing is ever claimed by its name.
 
 Baked images are never leftovers. Terminated instances are not leftovers.
-
-Layout: `common` (the Leftover record and what both clouds share), `aws` and `gcp` (find and purge for
-each); this module dispatches a purge to both and re-exports their public names.
 """
 
 from __future__ import annotations
@@ -20,55 +19,20 @@ from __future__ import annotations
 from typing import Any
 
 from infra.errors import SweepError
-from infra.sweep.aws import (
-    AWS_DELETERS,
-    AWS_GONE_CODES,
-    AWS_LISTERS,
-    AWS_LIVE_STATES,
-    AWS_PURGE_ORDER,
-    AWS_TAG_KEY,
-    AWS_TERMINATE_WAIT,
-    DEPENDENCY_RETRY_DELAY_S,
-    DEPENDENCY_RETRY_S,
-    S3_DELETE_BATCH,
-    aws_client,
-    delete_aws_bucket,
-    delete_aws_eip,
-    delete_aws_eni,
-    delete_aws_igw,
-    delete_aws_route_table,
-    empty_aws_bucket,
-    find_aws_leftovers,
-    is_aws_gone,
-    iter_aws_pages,
-    list_aws_buckets,
-    list_aws_kind,
-    purge_aws,
-    retry_dependency,
-    tag_value,
-    terminate_aws_instances,
-)
-from infra.sweep.common import Leftover, attempt, render_leftovers
-from infra.sweep.gcp import (
-    GCP_DELETERS,
-    GCP_LABEL_KEY,
-    GCP_OPERATION_TIMEOUT_S,
-    GCP_OPERATIONS,
-    GCP_PURGE_ORDER,
-    describe_gcp,
-    find_gcp_leftovers,
-    gcp_kwargs,
-    in_region,
-    list_gcp_buckets,
-    list_gcp_labelled,
-    list_gcp_named,
-    owns_name,
-    purge_gcp,
-    purge_gcp_bucket,
-    scope_name,
-    storage_client,
-    wait_gcp_operation,
-)
+from infra.sweep.aws import AWS_PURGE_ORDER, delete_aws_igw, delete_aws_route_table, find_aws_leftovers, \
+    purge_aws, retry_dependency
+from infra.sweep.common import Claim, Leftover, attempt, render_leftovers
+from infra.sweep.gcp import GCP_PURGE_ORDER, find_gcp_leftovers, purge_gcp
+
+
+def holds_data(lo: Leftover) -> bool:
+    """A bucket that is not empty (detail "N object version(s), B bytes")."""
+    return lo.kind == "bucket" and lo.detail != "empty"
+
+
+def split_data(leftovers: list[Leftover]) -> tuple[list[Leftover], list[Leftover]]:
+    """(buckets holding data, everything else)."""
+    return [lo for lo in leftovers if holds_data(lo)], [lo for lo in leftovers if not holds_data(lo)]
 
 
 def purge_leftovers(leftovers: list[Leftover], session: Any = None, client_options: Any = None,
@@ -87,15 +51,6 @@ def purge_leftovers(leftovers: list[Leftover], session: Any = None, client_optio
     return results + refused
 
 
-__all__ = [
-    "AWS_DELETERS", "AWS_GONE_CODES", "AWS_LISTERS", "AWS_LIVE_STATES", "AWS_PURGE_ORDER", "AWS_TAG_KEY",
-    "AWS_TERMINATE_WAIT", "DEPENDENCY_RETRY_DELAY_S", "DEPENDENCY_RETRY_S", "GCP_DELETERS", "GCP_LABEL_KEY",
-    "GCP_OPERATION_TIMEOUT_S", "GCP_OPERATIONS", "GCP_PURGE_ORDER", "S3_DELETE_BATCH",
-    "Leftover", "SweepError",
-    "attempt", "aws_client", "delete_aws_bucket", "delete_aws_eip", "delete_aws_eni", "delete_aws_igw",
-    "delete_aws_route_table", "describe_gcp", "empty_aws_bucket", "find_aws_leftovers", "find_gcp_leftovers",
-    "gcp_kwargs", "in_region", "is_aws_gone", "iter_aws_pages", "list_aws_buckets", "list_aws_kind",
-    "list_gcp_buckets", "list_gcp_labelled", "list_gcp_named", "owns_name", "purge_aws", "purge_gcp",
-    "purge_gcp_bucket", "purge_leftovers", "render_leftovers", "retry_dependency", "scope_name",
-    "storage_client", "tag_value", "terminate_aws_instances", "wait_gcp_operation",
-]
+__all__ = ["AWS_PURGE_ORDER", "GCP_PURGE_ORDER", "Claim", "Leftover", "SweepError", "attempt", "delete_aws_igw",
+           "delete_aws_route_table", "find_aws_leftovers", "find_gcp_leftovers", "holds_data", "purge_leftovers",
+           "render_leftovers", "retry_dependency", "split_data"]

@@ -1,5 +1,7 @@
-"""AWS half of the sweep: every resource infra/aws.py creates carries the tag `gpuforge:cluster=<name>`;
-each EC2 kind is listed with that tag filter, and the S3 buckets whose tagging has it."""
+"""AWS half of the sweep. Every resource infra/aws.py creates carries the tag `gpuforge:cluster=<name>` (and
+`gpuforge:cluster-id=<id>`): each EC2 kind is listed with a tag filter, IAM roles and instance profiles under our
+path (/gpuforge/) by their tags, and the S3 buckets whose tagging has it. Resources the stack recorded are claimed
+by id too. Buckets hold the user's data: a purge deletes an empty one, and one with objects only when told to."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import logging
 import time
 from typing import Any, Callable, Iterator
 
-from infra.cluster import CLUSTER_TAG
+from infra.cluster import CLUSTER_ID_TAG, CLUSTER_TAG
 from infra.errors import SweepError
-from infra.sweep.common import Leftover, attempt
+from infra.sweep.common import Claim, Leftover, attempt
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +22,14 @@ AWS_TERMINATE_WAIT = {"Delay": 5, "MaxAttempts": 120}  # 10 min: GPU instances c
 # then its security group, subnet and VPC refuse deletion with DependencyViolation.
 DEPENDENCY_RETRY_S = 180.0
 DEPENDENCY_RETRY_DELAY_S = 5.0
-AWS_GONE_CODES = ("NoSuchBucket", "InvalidPlacementGroup.Unknown")  # plus every *.NotFound code
+AWS_GONE_CODES = ("NoSuchBucket", "InvalidPlacementGroup.Unknown", "NoSuchEntity")  # plus every *.NotFound code
 S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys per call (S3 API reference)
-AWS_PURGE_ORDER = ("instance", "elastic-ip", "network-interface", "volume", "key-pair", "placement-group",
-                   "security-group", "internet-gateway", "route-table", "subnet", "vpc", "bucket")
+IAM_PATH = "/gpuforge/"  # infra/aws.py creates its role and instance profile here
+REGION_TAG = "gpuforge:region"  # IAM is global: this tag says which region's cluster a role belongs to
+AWS_PURGE_ORDER = ("instance", "elastic-ip", "network-interface", "volume", "key-pair", "launch-template",
+                   "placement-group", "security-group", "internet-gateway", "route-table", "subnet", "vpc",
+                   "iam-instance-profile", "iam-role", "bucket")
+IAM_KINDS = ("iam-instance-profile", "iam-role")
 
 
 # -- AWS: find --------------------------------------------------------------------------------
@@ -42,6 +48,8 @@ AWS_LISTERS: dict[str, tuple[str, str, str, str, Callable[[dict], str]]] = {
     "volume": ("describe_volumes", "Volumes", "VolumeId", "",
                lambda v: f"{v['State']}, {v['Size']} GiB, {v['AvailabilityZone']}"),
     "key-pair": ("describe_key_pairs", "KeyPairs", "KeyPairId", "KeyName", lambda k: ""),
+    "launch-template": ("describe_launch_templates", "LaunchTemplates", "LaunchTemplateId", "LaunchTemplateName",
+                        lambda t: f"version {t.get('LatestVersionNumber', '')}"),
     "placement-group": ("describe_placement_groups", "PlacementGroups", "GroupId", "GroupName",
                         lambda g: f"{g.get('Strategy', '')} {g.get('State', '')}".strip()),
     "security-group": ("describe_security_groups", "SecurityGroups", "GroupId", "GroupName",
@@ -69,12 +77,31 @@ def iter_aws_pages(client: Any, op: str, key: str, **params: Any) -> Iterator[di
         yield from getattr(client, op)(**params).get(key, [])
 
 
-def list_aws_kind(ec2: Any, kind: str, cluster: str, region: str) -> list[Leftover]:
-    flt = [{"Name": f"tag:{AWS_TAG_KEY}", "Values": [cluster]}]
+def tag_filter(claim: Claim) -> list[dict]:
+    """The EC2 filter that lists our resources: one cluster's tag value, or any value of our tag key."""
+    if claim.cluster is None:
+        return [{"Name": "tag-key", "Values": [AWS_TAG_KEY]}]
+    return [{"Name": f"tag:{AWS_TAG_KEY}", "Values": [claim.cluster]}]
+
+
+# kinds whose name is unique in the account (IAM, buckets) or the region (key pairs, placement groups, launch
+# templates), so a recorded name names only this resource; others (Name tags) never claim anything
+UNIQUE_NAMES = ("key-pair", "placement-group", "launch-template", "iam-role", "iam-instance-profile", "bucket")
+
+
+def owned(kind: str, item_id: str, name: str, region: str, detail: str, tags_of: dict, claim: Claim) -> Leftover:
+    tags = {t["Key"]: t["Value"] for t in tags_of.get("Tags", [])}
+    keys = (item_id, name) if kind in UNIQUE_NAMES else (item_id,)
+    return Leftover("aws", kind, item_id, name, region, detail, owner=tags.get(AWS_TAG_KEY, ""),
+                    owner_id=tags.get(CLUSTER_ID_TAG, ""), recorded=claim.is_recorded(*keys))
+
+
+def list_aws_kind(ec2: Any, kind: str, claim: Claim, region: str) -> list[Leftover]:
+    flt = tag_filter(claim)
     if kind == "instance":
         flt.append({"Name": "instance-state-name", "Values": AWS_LIVE_STATES})
-        return [Leftover("aws", "instance", i["InstanceId"], tag_value(i, "Name"), region,
-                         f"{i['State']['Name']} {i.get('InstanceType', '')}".strip())
+        return [owned("instance", i["InstanceId"], tag_value(i, "Name"), region,
+                      f"{i['State']['Name']} {i.get('InstanceType', '')}".strip(), i, claim)
                 for r in iter_aws_pages(ec2, "describe_instances", "Reservations", Filters=flt)
                 for i in r["Instances"]]
     op, key, id_field, name_field, detail = AWS_LISTERS[kind]
@@ -85,51 +112,96 @@ def list_aws_kind(ec2: Any, kind: str, cluster: str, region: str) -> list[Leftov
             continue  # deleted with its VPC, never by hand
         if kind == "route-table" and any(a.get("Main") for a in item.get("Associations", [])):
             continue  # the main route table goes with its VPC
-        item_id = item.get(id_field) or name
-        found.append(Leftover("aws", kind, item_id, name or tag_value(item, "Name"), region, detail(item)))
-    return found
+        found.append(owned(kind, item.get(id_field) or name, name, region, detail(item), item, claim))
+    return [lo for lo in found if claim.owns(lo)]
 
 
-def list_aws_buckets(s3: Any, cluster: str, region: str) -> list[Leftover]:
+def list_aws_iam(iam: Any, claim: Claim, region: str) -> list[Leftover]:
+    """Our instance profiles and roles (under IAM_PATH) whose tags name the cluster and this region (IAM is global:
+    a same-named cluster's role in another region is not this sweep's). ListRoles and ListInstanceProfiles return no
+    tags (IAM API reference), so each is read with GetInstanceProfile / ListRoleTags."""
+    found = []
+    for profile in iter_aws_pages(iam, "list_instance_profiles", "InstanceProfiles", PathPrefix=IAM_PATH):
+        name = profile["InstanceProfileName"]
+        full = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        roles = ", ".join(r["RoleName"] for r in full.get("Roles", []))
+        found.append((owned("iam-instance-profile", name, name, "global", f"roles: {roles or 'none'}", full, claim),
+                      tag_value(full, REGION_TAG)))
+    for role in iter_aws_pages(iam, "list_roles", "Roles", PathPrefix=IAM_PATH):
+        name = role["RoleName"]
+        tags = iam.list_role_tags(RoleName=name)
+        policies = iam.list_role_policies(RoleName=name).get("PolicyNames", [])
+        found.append((owned("iam-role", name, name, "global", f"inline policies: {', '.join(policies) or 'none'}",
+                            tags, claim), tag_value(tags, REGION_TAG)))
+    return [lo for lo, where in found
+            if (lo.recorded or where in ("", region)) and claim.owns(lo)]
+
+
+def bucket_content(s3: Any, bucket: str) -> tuple[int, int]:
+    """(object versions and delete markers, bytes) in a bucket."""
+    count = size = 0
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
+        versions = page.get("Versions", [])
+        count += len(versions) + len(page.get("DeleteMarkers", []))
+        size += sum(v.get("Size", 0) for v in versions)
+    return count, size
+
+
+def list_aws_buckets(s3: Any, claim: Claim, region: str) -> list[Leftover]:
     from botocore.exceptions import ClientError
 
     found = []
     for bucket in iter_aws_pages(s3, "list_buckets", "Buckets", BucketRegion=region):
+        name = bucket["Name"]
         try:
-            tags = s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"]
+            tags = s3.get_bucket_tagging(Bucket=name)["TagSet"]
         except ClientError as exc:
             code = exc.response["Error"]["Code"]
             if code == "AccessDenied":
-                logger.warning("cannot read the tags of s3://%s (AccessDenied): not swept", bucket["Name"])
+                logger.warning("cannot read the tags of s3://%s (AccessDenied): not swept", name)
             if code in ("NoSuchTagSet", "NoSuchBucket", "AccessDenied"):
-                continue
-            raise
-        if {"Key": AWS_TAG_KEY, "Value": cluster} not in tags:
+                tags = []
+            else:
+                raise
+        lo = owned("bucket", name, name, region, "", {"Tags": tags}, claim)
+        if not claim.owns(lo):
             continue
-        page = s3.list_object_versions(Bucket=bucket["Name"], MaxKeys=1)
-        content = "has objects" if page.get("Versions") or page.get("DeleteMarkers") else "empty"
-        found.append(Leftover("aws", "bucket", bucket["Name"], bucket["Name"], region,
-                              f"{content}; kept by design unless gpuforge:forceDestroyBucket=true"))
+        count, size = bucket_content(s3, name)
+        from dataclasses import replace
+
+        found.append(replace(lo, detail=f"{count} object version(s), {size} bytes" if count else "empty"))
     return found
 
 
-def find_aws_leftovers(cluster: str, region: str, session: Any = None) -> list[Leftover]:
-    """Everything in `region` tagged gpuforge:cluster=<cluster>, in purge order."""
+def find_aws_leftovers(cluster: str | None, region: str, session: Any = None,
+                       recorded: frozenset[str] = frozenset()) -> list[Leftover]:
+    """Everything in `region` carrying our tag for `cluster` (None: for any cluster), or that the stack
+    recorded (`recorded`: ids and names), in purge order."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
+    claim = Claim(cluster, frozenset(recorded))
     session = session or boto3.Session(region_name=region)
     ec2 = aws_client(session, "ec2", region)
     found: list[Leftover] = []
     for kind in AWS_PURGE_ORDER:
         try:
             if kind == "bucket":
-                found += list_aws_buckets(aws_client(session, "s3", region), cluster, region)
+                found += list_aws_buckets(aws_client(session, "s3", region), claim, region)
+            elif kind == "iam-role":
+                continue  # listed with the instance profiles
+            elif kind == "iam-instance-profile":
+                iam = list_aws_iam(aws_client(session, "iam", region), claim, region)
+                found += sorted(iam, key=lambda lo: AWS_PURGE_ORDER.index(lo.kind))
             else:
-                found += list_aws_kind(ec2, kind, cluster, region)
+                found += list_aws_kind(ec2, kind, claim, region)
         except (BotoCoreError, ClientError) as exc:
-            raise SweepError(f"listing AWS {kind}s of cluster {cluster!r} in {region} failed: {exc}") from exc
+            raise SweepError(f"listing AWS {kind}s of {_who(cluster)} in {region} failed: {exc}") from exc
     return found
+
+
+def _who(cluster: str | None) -> str:
+    return f"cluster {cluster!r}" if cluster else "gpuforge clusters"
 
 
 # -- AWS: purge -------------------------------------------------------------------------------
@@ -186,6 +258,25 @@ def delete_aws_route_table(ec2: Any, lo: Leftover) -> None:
     ec2.delete_route_table(RouteTableId=lo.id)
 
 
+def delete_aws_instance_profile(iam: Any, lo: Leftover) -> None:
+    """A profile is deleted once no role is in it (IAM: DeleteConflict otherwise)."""
+    profile = iam.get_instance_profile(InstanceProfileName=lo.id)["InstanceProfile"]
+    for role in profile.get("Roles", []):
+        iam.remove_role_from_instance_profile(InstanceProfileName=lo.id, RoleName=role["RoleName"])
+    iam.delete_instance_profile(InstanceProfileName=lo.id)
+
+
+def delete_aws_role(iam: Any, lo: Leftover) -> None:
+    """A role is deleted once its inline policies, attached policies and instance profiles are gone."""
+    for name in iam.list_role_policies(RoleName=lo.id).get("PolicyNames", []):
+        iam.delete_role_policy(RoleName=lo.id, PolicyName=name)
+    for policy in iam.list_attached_role_policies(RoleName=lo.id).get("AttachedPolicies", []):
+        iam.detach_role_policy(RoleName=lo.id, PolicyArn=policy["PolicyArn"])
+    for profile in iam.list_instance_profiles_for_role(RoleName=lo.id).get("InstanceProfiles", []):
+        iam.remove_role_from_instance_profile(InstanceProfileName=profile["InstanceProfileName"], RoleName=lo.id)
+    iam.delete_role(RoleName=lo.id)
+
+
 def empty_aws_bucket(s3: Any, bucket: str) -> None:
     """Delete every object version and delete marker, and abort multipart uploads."""
     keys = [{"Key": v["Key"], "VersionId": v["VersionId"]}
@@ -212,15 +303,17 @@ AWS_DELETERS: dict[str, Callable[[Any, Leftover], Any]] = {
     "network-interface": delete_aws_eni,
     "volume": lambda ec2, lo: ec2.delete_volume(VolumeId=lo.id),
     "key-pair": lambda ec2, lo: ec2.delete_key_pair(KeyName=lo.name),
+    "launch-template": lambda ec2, lo: ec2.delete_launch_template(LaunchTemplateId=lo.id),
     "placement-group": lambda ec2, lo: ec2.delete_placement_group(GroupName=lo.name),
     "security-group": lambda ec2, lo: retry_dependency(lambda: ec2.delete_security_group(GroupId=lo.id)),
     "internet-gateway": delete_aws_igw,
     "route-table": delete_aws_route_table,
     "subnet": lambda ec2, lo: retry_dependency(lambda: ec2.delete_subnet(SubnetId=lo.id)),
     "vpc": lambda ec2, lo: retry_dependency(lambda: ec2.delete_vpc(VpcId=lo.id)),
+    "iam-instance-profile": delete_aws_instance_profile,
+    "iam-role": delete_aws_role,
     "bucket": delete_aws_bucket,
 }
-
 
 
 def terminate_aws_instances(ec2: Any, instances: list[Leftover]) -> list[tuple[Leftover, str | None]]:
@@ -235,17 +328,21 @@ def terminate_aws_instances(ec2: Any, instances: list[Leftover]) -> list[tuple[L
     return [(lo, started[lo.id]) for lo in instances]
 
 
-def purge_aws(leftovers: list[Leftover], session: Any) -> list[tuple[Leftover, str | None]]:
+def purge_aws(leftovers: list[Leftover], session: Any, region: str = "") -> list[tuple[Leftover, str | None]]:
+    """Delete in AWS_PURGE_ORDER, region by region; IAM (global) resources go last, with the region's clients."""
     import boto3
 
     results: list[tuple[Leftover, str | None]] = []
-    for region in sorted({lo.region for lo in leftovers}):
-        here = [lo for lo in leftovers if lo.region == region]
-        session_here = session or boto3.Session(region_name=region)
-        ec2, s3 = aws_client(session_here, "ec2", region), aws_client(session_here, "s3", region)
-        results += terminate_aws_instances(ec2, [lo for lo in here if lo.kind == "instance"])
+    regions = sorted({lo.region for lo in leftovers if lo.kind not in IAM_KINDS}) or [region or "us-east-1"]
+    for i, here_region in enumerate(regions):
+        last_region = i == len(regions) - 1
+        here = [lo for lo in leftovers
+                if lo.region == here_region or (lo.kind in IAM_KINDS and last_region)]
+        session_here = session or boto3.Session(region_name=here_region)
+        clients = {service: aws_client(session_here, service, here_region) for service in ("ec2", "s3", "iam")}
+        results += terminate_aws_instances(clients["ec2"], [lo for lo in here if lo.kind == "instance"])
         for kind in AWS_PURGE_ORDER[1:]:
-            client = s3 if kind == "bucket" else ec2
+            client = clients["s3" if kind == "bucket" else "iam" if kind in IAM_KINDS else "ec2"]
             results += [(lo, attempt(lambda lo=lo: AWS_DELETERS[kind](client, lo), lo, is_aws_gone))
                         for lo in here if lo.kind == kind]
     return results

@@ -1,32 +1,35 @@
-"""GCP half of the sweep: resources with labels carry `gpuforge-cluster=<name>`; those without (firewalls,
-networks, subnetworks, resource policies) are named `<name>-...`, so they are matched by that prefix, and
-firewalls and subnetworks also by sitting in one of the cluster's networks."""
+"""GCP half of the sweep. Instances, disks, addresses and buckets carry the label `gpuforge-cluster=<name>` (and
+`gpuforge-cluster-id=<id>`); networks, subnetworks, firewalls, resource policies and service accounts take no
+labels and carry the same facts as a marker in their description (infra/cluster.py `ownership_marker`). A resource
+is claimed by its label or marker, or because the stack recorded it; never by its name, so a user's own
+`prod-allow-https` firewall is nobody's business of cluster `prod`'s sweep."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from typing import Any, Iterable
+from dataclasses import replace
+from typing import Any
 
-from infra.cluster import CLUSTER_LABEL
+from infra.cluster import CLUSTER_ID_LABEL, CLUSTER_LABEL, read_marker
 from infra.errors import SweepError
-from infra.sweep.common import Leftover, attempt
+from infra.gcp_api import ServiceAccountsApi, compute_kwargs
+from infra.sweep.common import Claim, Leftover, attempt
 
 logger = logging.getLogger(__name__)
 
 GCP_LABEL_KEY = CLUSTER_LABEL  # put on every labellable resource by infra/gcp.py
 GCP_OPERATION_TIMEOUT_S = 600.0  # deleting a GPU VM takes 1-3 min; operations.wait returns within 2
 GCP_PURGE_ORDER = ("instance", "disk", "address", "resource-policy", "firewall", "subnetwork", "network",
-                   "bucket")
+                   "service-account", "bucket")
 
 
 # -- GCP: find --------------------------------------------------------------------------------
 
 def gcp_kwargs(client_options: Any, credentials: Any) -> dict:
-    """Keyword arguments for every compute_v1 client: REST, and the caller's endpoint/credentials."""
-    return {"transport": "rest", "client_options": client_options, "credentials": credentials}
+    """Keyword arguments for every compute_v1 client: REST, and the caller's endpoint/credentials (or ours)."""
+    return compute_kwargs(client_options, credentials)
 
 
 def scope_name(scope: str) -> str:
@@ -38,11 +41,10 @@ def in_region(location: str, region: str) -> bool:
     return location == region or location.startswith(f"{region}-")
 
 
-def owns_name(name: str, cluster: str, others: Iterable[str]) -> bool:
-    """`<cluster>-x` is ours unless it is `<other>-x` of a longer cluster name, e.g. `demo-2-net`."""
-    prefix = f"{cluster}-"
-    return name.startswith(prefix) and not any(
-        o.startswith(prefix) and name.startswith(f"{o}-") for o in others)
+def label_filter(claim: Claim) -> str:
+    if claim.cluster is None:
+        return f"labels.{GCP_LABEL_KEY}:*"
+    return f'labels.{GCP_LABEL_KEY} = "{claim.cluster}"'
 
 
 def describe_gcp(kind: str, item: Any) -> str:
@@ -56,50 +58,69 @@ def describe_gcp(kind: str, item: Any) -> str:
     return ""
 
 
-def list_gcp_labelled(compute: Any, kw: dict, project: str, region: str,
-                      cluster: str) -> tuple[list[Leftover], set[str]]:
-    """Instances, disks and addresses with the cluster label in `region`; and the other cluster
-    names seen, so that name-prefix matches can leave a longer-named cluster's resources alone."""
-    found, others = [], set()
+def labelled(kind: str, item: Any, where: str, claim: Claim, detail: str = "") -> Leftover:
+    labels = dict(item.labels or {})
+    return Leftover("gcp", kind, str(item.id), item.name, where, detail, owner=labels.get(GCP_LABEL_KEY, ""),
+                    owner_id=labels.get(CLUSTER_ID_LABEL, ""),
+                    recorded=claim.is_recorded(*unique_keys(item)))
+
+
+def unique_keys(item: Any) -> tuple[str, ...]:
+    """What names one resource only: its self link (and the path in it, as Pulumi records ids) and numeric id;
+    never its name, which another zone, region or project may share."""
+    link = getattr(item, "self_link", "") or ""
+    return link, link.split("/compute/v1/", 1)[-1] if link else "", str(getattr(item, "id", "") or "")
+
+
+def marked(kind: str, item: Any, where: str, claim: Claim, detail: str = "") -> Leftover:
+    owner, owner_id = read_marker(getattr(item, "description", "") or "") or ("", "")
+    return Leftover("gcp", kind, str(item.id), item.name, where, detail, owner=owner, owner_id=owner_id,
+                    recorded=claim.is_recorded(*unique_keys(item)))
+
+
+def list_gcp_labelled(compute: Any, kw: dict, project: str, region: str, claim: Claim) -> list[Leftover]:
+    """Instances, disks and addresses in `region` whose label claims them."""
+    found = []
     for kind, client_name, request_name, field in (
             ("instance", "InstancesClient", "AggregatedListInstancesRequest", "instances"),
             ("disk", "DisksClient", "AggregatedListDisksRequest", "disks"),
             ("address", "AddressesClient", "AggregatedListAddressesRequest", "addresses")):
         client = getattr(compute, client_name)(**kw)
-        request = getattr(compute, request_name)(project=project, filter=f"labels.{GCP_LABEL_KEY}:*")
+        request = getattr(compute, request_name)(project=project, filter=label_filter(claim))
         for scope, scoped in client.aggregated_list(request=request):
-            for item in getattr(scoped, field):
-                owner = item.labels.get(GCP_LABEL_KEY, "")
-                if owner != cluster:
-                    others.add(owner)
-                elif in_region(scope_name(scope), region):
-                    found.append(Leftover("gcp", kind, str(item.id), item.name, scope_name(scope),
-                                          describe_gcp(kind, item)))
-    return found, others
+            where = scope_name(scope)
+            if not in_region(where, region):
+                continue
+            found += [labelled(kind, item, where, claim, describe_gcp(kind, item)) for item in getattr(scoped, field)]
+    return [lo for lo in found if claim.owns(lo)]
 
 
-def list_gcp_named(compute: Any, kw: dict, project: str, region: str, cluster: str,
-                   others: set[str]) -> list[Leftover]:
-    """Networks, firewalls, subnetworks and resource policies by name prefix or network."""
-    prefix = f"name eq {re.escape(cluster)}-.*"
-    nets = [n for n in compute.NetworksClient(**kw).list(
-        request=compute.ListNetworksRequest(project=project, filter=prefix)) if owns_name(n.name, cluster, others)]
-    names = {n.name for n in nets}
-    found = [Leftover("gcp", "network", str(n.id), n.name, "global") for n in nets]
-    found += [Leftover("gcp", "firewall", str(f.id), f.name, "global", f"network {scope_name(f.network)}")
-              for f in compute.FirewallsClient(**kw).list(request=compute.ListFirewallsRequest(project=project))
-              if owns_name(f.name, cluster, others) or scope_name(f.network) in names]
+def list_gcp_marked(compute: Any, kw: dict, project: str, region: str, claim: Claim) -> list[Leftover]:
+    """Networks, firewalls, subnetworks and resource policies whose description marker (or the stack) claims them."""
+    found = [marked("network", n, "global", claim) for n in compute.NetworksClient(**kw).list(
+        request=compute.ListNetworksRequest(project=project))]
+    found += [marked("firewall", f, "global", claim, f"network {scope_name(f.network)}")
+              for f in compute.FirewallsClient(**kw).list(request=compute.ListFirewallsRequest(project=project))]
     subnets = compute.SubnetworksClient(**kw).aggregated_list(
         request=compute.AggregatedListSubnetworksRequest(project=project))
-    found += [Leftover("gcp", "subnetwork", str(s.id), s.name, scope_name(scope), s.ip_cidr_range)
-              for scope, scoped in subnets for s in scoped.subnetworks
-              if in_region(scope_name(scope), region)
-              and (owns_name(s.name, cluster, others) or scope_name(s.network) in names)]
+    found += [marked("subnetwork", s, scope_name(scope), claim, s.ip_cidr_range)
+              for scope, scoped in subnets for s in scoped.subnetworks if in_region(scope_name(scope), region)]
     policies = compute.ResourcePoliciesClient(**kw).aggregated_list(
-        request=compute.AggregatedListResourcePoliciesRequest(project=project, filter=prefix))
-    found += [Leftover("gcp", "resource-policy", str(p.id), p.name, scope_name(scope))
-              for scope, scoped in policies for p in scoped.resource_policies
-              if in_region(scope_name(scope), region) and owns_name(p.name, cluster, others)]
+        request=compute.AggregatedListResourcePoliciesRequest(project=project))
+    found += [marked("resource-policy", p, scope_name(scope), claim)
+              for scope, scoped in policies for p in scoped.resource_policies if in_region(scope_name(scope), region)]
+    return [lo for lo in found if claim.owns(lo)]
+
+
+def list_gcp_service_accounts(accounts: Any, project: str, claim: Claim) -> list[Leftover]:
+    found = []
+    for account in accounts.list(project):
+        owner, owner_id = read_marker(account.get("description", "")) or ("", "")
+        email = account["email"]
+        lo = Leftover("gcp", "service-account", email, email.split("@")[0], "global", account.get("displayName", ""),
+                      owner=owner, owner_id=owner_id, recorded=claim.is_recorded(email, account.get("uniqueId", "")))
+        if claim.owns(lo):
+            found.append(lo)
     return found
 
 
@@ -107,41 +128,57 @@ def storage_client(project: str, client_options: Any, credentials: Any) -> Any:
     """A GCS client, or None when compute points at a custom endpoint and GCS has no emulator."""
     endpoint = getattr(client_options, "api_endpoint", None) or (
         client_options.get("api_endpoint") if isinstance(client_options, dict) else None)
-    if endpoint and not os.environ.get("STORAGE_EMULATOR_HOST"):
-        logger.warning("compute endpoint %s is custom and STORAGE_EMULATOR_HOST is unset: "
-                       "GCS buckets not swept", endpoint)
+    if (endpoint or os.environ.get("GPUFORGE_GCP_ENDPOINT")) and not os.environ.get("STORAGE_EMULATOR_HOST"):
+        logger.warning("the compute endpoint is custom and STORAGE_EMULATOR_HOST is unset: GCS buckets not swept")
         return None
     from google.cloud import storage
 
     return storage.Client(project=project, credentials=credentials)
 
 
-def list_gcp_buckets(gcs: Any, project: str, cluster: str) -> list[Leftover]:
+def gcs_content(gcs: Any, bucket: str) -> tuple[int, int]:
+    """(object generations, bytes) in a bucket, noncurrent versions included."""
+    count = size = 0
+    for blob in gcs.list_blobs(bucket, versions=True):
+        count += 1
+        size += int(blob.size or 0)
+    return count, size
+
+
+def list_gcp_buckets(gcs: Any, project: str, claim: Claim) -> list[Leftover]:
     found = []
     for bucket in gcs.list_buckets(project=project):
-        if (bucket.labels or {}).get(GCP_LABEL_KEY) != cluster:
+        labels = dict(bucket.labels or {})
+        lo = Leftover("gcp", "bucket", bucket.name, bucket.name, (bucket.location or "").lower(),
+                      owner=labels.get(GCP_LABEL_KEY, ""), owner_id=labels.get(CLUSTER_ID_LABEL, ""),
+                      recorded=claim.is_recorded(bucket.name))
+        if not claim.owns(lo):
             continue
-        content = "has objects" if any(True for _ in gcs.list_blobs(bucket.name, max_results=1)) else "empty"
-        found.append(Leftover("gcp", "bucket", bucket.name, bucket.name, (bucket.location or "").lower(),
-                              f"{content}; kept by design unless gpuforge:forceDestroyBucket=true"))
+        count, size = gcs_content(gcs, bucket.name)
+        found.append(replace(lo, detail=f"{count} object version(s), {size} bytes" if count else "empty"))
     return found
 
 
-def find_gcp_leftovers(cluster: str, project: str, region: str, client_options: Any = None,
-                       credentials: Any = None) -> list[Leftover]:
-    """Everything of `cluster` in `project` (zonal/regional ones in `region`), in purge order."""
+def find_gcp_leftovers(cluster: str | None, project: str, region: str, client_options: Any = None,
+                       credentials: Any = None, recorded: frozenset[str] = frozenset()) -> list[Leftover]:
+    """Everything of `cluster` (None: of any gpuforge cluster) in `project` (zonal/regional ones in `region`), and
+    what the stack recorded (`recorded`: names, ids, self links, emails), in purge order."""
     from google.api_core.exceptions import GoogleAPIError
     from google.cloud import compute_v1
 
+    if not project:
+        raise SweepError("the GCP sweep needs a project id; pass --project")
+    claim = Claim(cluster, frozenset(recorded))
     kw = gcp_kwargs(client_options, credentials)
     try:
-        found, others = list_gcp_labelled(compute_v1, kw, project, region, cluster)
-        found += list_gcp_named(compute_v1, kw, project, region, cluster, others)
-        gcs = storage_client(project, client_options, credentials)
-        found += list_gcp_buckets(gcs, project, cluster) if gcs else []
+        found = list_gcp_labelled(compute_v1, kw, project, region, claim)
+        found += list_gcp_marked(compute_v1, kw, project, region, claim)
+        found += list_gcp_service_accounts(ServiceAccountsApi(kw["client_options"], kw["credentials"]), project, claim)
+        gcs = storage_client(project, kw["client_options"], credentials)
+        found += list_gcp_buckets(gcs, project, claim) if gcs else []
     except GoogleAPIError as exc:
-        raise SweepError(f"listing GCP resources of cluster {cluster!r} in {project}/{region} "
-                         f"failed: {exc}") from exc
+        who = f"cluster {cluster!r}" if cluster else "gpuforge clusters"
+        raise SweepError(f"listing GCP resources of {who} in {project}/{region} failed: {exc}") from exc
     return sorted(found, key=lambda lo: GCP_PURGE_ORDER.index(lo.kind))
 
 
@@ -173,6 +210,7 @@ def wait_gcp_operation(compute: Any, kw: dict, project: str, scope: str, locatio
 
 
 def purge_gcp_bucket(gcs: Any, lo: Leftover) -> None:
+    """Delete every generation (noncurrent versions included), then the bucket."""
     if gcs is None:
         raise SweepError("no GCS endpoint: set STORAGE_EMULATOR_HOST next to a custom compute endpoint")
     bucket = gcs.bucket(lo.id)
@@ -191,11 +229,15 @@ def purge_gcp(leftovers: list[Leftover], project: str, client_options: Any,
     results: list[tuple[Leftover, str | None]] = []
     for kind in GCP_PURGE_ORDER:
         batch = [lo for lo in leftovers if lo.kind == kind]
-        if kind == "bucket" and batch:
-            gcs = storage_client(project, client_options, credentials)
+        if not batch:
+            continue
+        if kind == "bucket":
+            gcs = storage_client(project, kw["client_options"], credentials)
             results += [(lo, attempt(lambda lo=lo: purge_gcp_bucket(gcs, lo), lo, gone)) for lo in batch]
             continue
-        if not batch:
+        if kind == "service-account":
+            accounts = ServiceAccountsApi(kw["client_options"], kw["credentials"])
+            results += [(lo, attempt(lambda lo=lo: accounts.delete(project, lo.id), lo, gone)) for lo in batch]
             continue
         client_name, arg, scope = GCP_DELETERS[kind]
         client = getattr(compute_v1, client_name)(**kw)
@@ -214,4 +256,3 @@ def purge_gcp(leftovers: list[Leftover], project: str, client_options: Any,
                                                                  ops[lo]), lo, gone)
             results.append((lo, error))
     return results
-

@@ -25,7 +25,7 @@ OVERRIDES: list[str] = []
 OVERRIDE_TASKS = ("train",)
 REMAINDER_TASKS = ("exec", "train", "launch")
 RUN_TASKS = ("fetch", "status", "logs", "cancel")
-TASK_NAMES = {"up", "down", "use", "clusters", "setup", "train", "launch", "status", "logs", "cancel", "fetch", "exec",
+TASK_NAMES = {"up", "down", "sweep", "use", "clusters", "setup", "train", "launch", "status", "logs", "cancel", "fetch", "exec",
               "bake", "doctor"}
 
 # flags that take a value: a word right after one of them is that flag's value, never a task or an override
@@ -33,7 +33,7 @@ VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r
                "--nproc-per-node", "--start-timeout", "--set", "--env", "-e", "--storage", "--run", "--node", "--tail",
                "--dest", "-d", "-t", "--name", "--cloud", "--instance-type", "--accelerator", "--region", "--zone",
                "--disk-gb", "--os", "--ssh-cidr", "--project", "--hosts", "--keep", "--base-image", "--subnet-id",
-               "--security-group-id", "--max-ship-mb", "-v", "-m"}
+               "--security-group-id", "--max-ship-mb", "-v", "-m", "--image", "--network", "--subnetwork"}
 
 
 def adopt_fab_argv(collection: Any = None) -> None:

@@ -1,4 +1,4 @@
-"""The cluster tasks (up, down, use, clusters, setup, bake, doctor); the run tasks are in run_tasks.py.
+"""The cluster tasks (up, down, sweep, use, clusters, setup, bake, doctor); the run tasks are in run_tasks.py.
 
 A user's day is `fab up`, `fab setup`, `fab train ...`, `fab logs`, `fab down`.
 
@@ -11,7 +11,8 @@ A user's day is `fab up`, `fab setup`, `fab train ...`, `fab logs`, `fab down`.
     fab train --script path/to/train.py -- --batch_size 8
     fab status | fab logs [--node 1] | fab cancel | fab fetch [RUN]
     fab exec -- nvidia-smi
-    fab down [--purge]
+    fab down [--delete-data]                   # the data (bucket / storage folder) is kept unless --delete-data
+    fab sweep --cloud aws [--region R] [--cluster NAME] [--purge]   # what carries our tags
 
 Every task takes --cluster NAME|HOSTS.yaml|pulumi:STACK; without it, the selected cluster is used.
 State lives in $GPUFORGE_HOME (default ~/.gpuforge). Set GPUFORGE_DEBUG=1 for tracebacks.
@@ -34,16 +35,20 @@ CLUSTER_HELP = "cluster name, hosts .yaml, stack output .json or pulumi:STACK (d
 
 @task(help={"nodes": "number of nodes (default 2 locally, 1 on a cloud)", "name": "cluster name",
             "cloud": "aws or gcp (default: a local cluster)", "instance_type": "instance / machine type",
-            "accelerator": "GCP n1 only, e.g. nvidia-tesla-t4:1", "region": "region", "zone": "zone",
+            "accelerator": "GCP n1 only, e.g. nvidia-tesla-t4:1", "region": "region",
+            "zone": "zone (default: the first one that offers the type; on a capacity error the next)",
             "spot": "spot / preemptible instances", "disk_gb": "root disk size", "os": "ubuntu-22.04 or ubuntu-24.04",
-            "ssh_cidr": "who may SSH in (repeatable); without it nodes get no public SSH ingress",
+            "ssh_cidr": "who may SSH in, IPv4 (repeatable); without it nodes get no public SSH ingress",
             "project": "GCP project", "hosts": "register machines you already have (a hosts .yaml)",
-            "yes": "skip the cost confirmation",
+            "image": "boot this image (AMI id / GCE image path); a later up that changes it is a roll, previewed",
+            "roll_image": "move the nodes to the newest usable image (previewed, confirmed; replaces the nodes)",
+            "yes": "skip the confirmations",
             "login_user": "local only: VM-like nodes that log in as this sudo user and get the cloud plan (needs root)"},
       iterable=["ssh_cidr"])
 def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region="", zone="", spot=False, disk_gb=0,
-       os="", ssh_cidr=None, project="", hosts="", yes=False, login_user=""):
-    """Create a cluster (local, aws, gcp) or register existing machines, and select it."""
+       os="", ssh_cidr=None, project="", hosts="", image="", roll_image=False, yes=False, login_user=""):
+    """Create a cluster (local, aws, gcp) or register existing machines, and select it. A later up of a cloud
+    cluster keeps its config, zone and image, and changes what is given."""
     from provision.clusters import create_cloud_cluster, create_local, register_hosts
 
     home = inventory.home_dir()
@@ -54,24 +59,45 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
         elif not cloud or cloud == "local":
             cluster = create_local(home, name or "local", count or 2, login_user=login_user)
         else:
-            if not instance_type:
+            first_up = not (inventory.cluster_dir(home, name or f"{cloud}-gpu") / "registration.json").exists()
+            if not instance_type and first_up:
                 raise Exit(f"error: {cli.type_choices(cloud)}", code=2)
-            cluster = create_cloud_cluster(home, cloud=cloud, name=name, nodes=count or 1, instance_type=instance_type,
-                                           accelerator=accelerator, region=region, zone=zone, spot=spot, disk_gb=disk_gb,
-                                           os_name=os, ssh_cidrs=ssh_cidr or [], project=project, yes=yes)
+            given = {"nodes": count, "instance_type": instance_type, "accelerator": accelerator, "region": region,
+                     "zone": zone, "spot": spot, "disk_gb": int(disk_gb or 0), "os": os,
+                     "ssh_cidrs": list(ssh_cidr or []), "project": project, "image": image}
+            cluster = create_cloud_cluster(home, cloud=cloud, name=name, given=given, yes=yes, roll_image=roll_image)
         inventory.select(home, cluster.name)
         report.print_cluster(cluster)
 
 
-@task(help={"cluster": CLUSTER_HELP, "purge": "delete resources the leftover sweep finds (cloud clusters)",
+@task(help={"cluster": CLUSTER_HELP,
+            "delete_data": "also delete the cluster's data (bucket with every object version, or the local storage "
+                           "folder), after a confirmation naming it and its size",
             "yes": "skip the confirmation"})
-def down(c, cluster=None, purge=False, yes=False):
-    """Tear the cluster down: stop its jobs and nodes, destroy cloud resources, sweep for leftovers."""
+def down(c, cluster=None, delete_data=False, yes=False):
+    """Tear the cluster down from any state; its data (bucket / storage folder) is kept and reported unless
+    --delete-data."""
     from provision.clusters import destroy
 
     home = inventory.home_dir()
     with cli.user_errors():
-        destroy(home, cluster, purge=purge, yes=yes)
+        destroy(home, cluster, delete_data=delete_data, yes=yes)
+
+
+@task(help={"cloud": "aws or gcp", "region": "region (default us-east-1 / us-central1)",
+            "project": "GCP project (required with --cloud gcp)",
+            "cluster": "only this cluster's resources (default: every gpuforge cluster's)",
+            "purge": "delete what is found, after a confirmation", "delete_data": "with --purge: buckets holding data too",
+            "yes": "skip the confirmations"})
+def sweep(c, cloud, region="", project="", cluster=None, purge=False, delete_data=False, yes=False):
+    """List what carries gpuforge's tags in a region (with --purge, delete it): leftovers of crashed ups and bakes.
+    AWS_ENDPOINT_URL / GPUFORGE_GCP_ENDPOINT point it at an emulator."""
+    from provision.leftovers import sweep as sweep_region
+
+    home = inventory.home_dir()
+    with cli.user_errors():
+        sweep_region(home, cloud, region=region, project=project, cluster=cluster, purge_them=purge,
+                     delete_data=delete_data, yes=yes)
 
 
 @task(help={"cluster": "cluster to select"})
@@ -79,7 +105,7 @@ def use(c, cluster):
     """Select the cluster later commands use."""
     home = inventory.home_dir()
     with cli.user_errors():
-        source = inventory.cluster_from_source(cluster)  # a hosts file or stack: remembered from now on
+        source = inventory.cluster_from_source(cluster, home)  # a hosts file or stack: remembered from now on
         chosen = inventory.register(home, inventory.attach(home, source)) if source else inventory.resolve(home, cluster)
         inventory.select(home, chosen.name)
         cli.console().print(f"selected cluster [bold]{chosen.name}[/] ({chosen.cloud}, {len(chosen.nodes)} nodes)")
@@ -132,10 +158,12 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
             "project": "GCP project", "ssh_cidr": "who may SSH to the builder (repeatable; required)",
             "keep": "newest images per family to keep", "base_image": "override the plain Ubuntu base image",
             "subnet_id": "AWS: the subnet to launch in (default: a temporary VPC)",
-            "security_group_id": "AWS: the security group to use (needs --subnet-id)"},
+            "security_group_id": "AWS: the security group to use (needs --subnet-id)",
+            "network": "GCP: the VPC network (default: `default`)",
+            "subnetwork": "GCP: the subnetwork in the region (custom-mode networks)"},
       iterable=["ssh_cidr"])
 def bake(c, cloud, os="ubuntu-22.04", instance_type="", accelerator="", region="", zone="", project="", ssh_cidr=None,
-         keep=3, base_image="", subnet_id="", security_group_id=""):
+         keep=3, base_image="", subnet_id="", security_group_id="", network="", subnetwork=""):
     """Bake a machine image with `fab setup` already done (the builder is always removed)."""
     from images import BakeSpec
     from images import bake as bake_image
@@ -144,7 +172,8 @@ def bake(c, cloud, os="ubuntu-22.04", instance_type="", accelerator="", region="
     with cli.user_errors():
         spec = BakeSpec(cloud=cloud, os_name=os, instance_type=instance_type, accelerator=accelerator, region=region,
                         zone=zone, project=project, ssh_cidrs=tuple(ssh_cidr or ()), keep=int(keep),
-                        base_image=base_image, subnet_id=subnet_id, security_group_id=security_group_id)
+                        base_image=base_image, subnet_id=subnet_id, security_group_id=security_group_id,
+                        network=network, subnetwork=subnetwork)
         result = bake_image(spec, home, on_event=lambda text: cli.console().print(text, markup=False))
         report.print_bake(result)
 

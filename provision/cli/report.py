@@ -42,9 +42,19 @@ def print_clusters(home: Path) -> None:
     table = Table(title="clusters")
     for col in ("", "name", "cloud", "nodes", "storage"):
         table.add_column(col)
-    for name in inventory.known_clusters(home):
+    known = inventory.known_clusters(home)
+    for name in known:
         c = inventory.resolve(home, name)
         table.add_row("*" if name == current else "", name, c.cloud, str(len(c.nodes)), c.storage_url)
+    from provision import registry
+
+    for name in registry.registered_names(home):
+        if name in known:
+            continue
+        reg = registry.load(home, name)
+        kept = registry.kept_data(home, name)
+        state = f"{reg.state} ({reg.cloud})" if reg else "down, data kept"
+        table.add_row("", name, state, "-", ", ".join(d.url for d in kept) or "-")
     console().print(table)
 
 

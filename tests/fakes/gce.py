@@ -1,28 +1,32 @@
-"""A local Compute Engine v1 REST endpoint for the real google-cloud-compute client.
+"""A local Compute Engine v1 REST endpoint (and the IAM service-account calls) for the real Google clients.
 
-One stdlib HTTP server in a thread, state in dicts. It speaks enough of the API for the
-leftover sweep and image baking: instances (insert/get/list/aggregatedList/delete/stop/start/
-setLabels), disks, firewalls, networks, subnetworks, addresses, resourcePolicies, images
-(insert from a disk, get, list, getFromFamily, delete) and zone/region/global operations
-(get, wait). Lists page with maxResults/pageToken and take `filter` terms such as
-`labels.KEY = VALUE`, `labels.KEY:*`, `name eq REGEX` and `family = X`, ANDed.
+One stdlib HTTP server in a thread, state in dicts. It speaks enough of the API for the leftover sweep, the
+preflight checks, image baking and the lifecycle tests' stand-in for `pulumi up`: instances (insert/get/list/
+aggregatedList/delete/stop/start/setLabels), disks, firewalls, networks, subnetworks, addresses, resourcePolicies,
+images (insert from a disk, get, list, getFromFamily, delete), machineTypes and acceleratorTypes (per zone, from
+`offerings`), regions.get and projects.get with their quotas, zone/region/global operations (get, wait), and IAM's
+projects.serviceAccounts (create/get/list/delete) under /v1/. Lists page with maxResults/pageToken; `filter` follows
+the documented rules (tests/fakes/gce_filter.py: several expressions only in parentheses, the two forms not mixed).
 
     with FakeCompute(project="p") as gce:
         disks = compute_v1.DisksClient(**gce.client_kwargs())
         gce.seed("disks", "zones/us-central1-a", {"name": "d1", "labels": {"k": "v"}})
         assert gce.names("disks") == {"d1"}
 
-Operations are DONE at once. With `pending_polls=N` they report RUNNING for N polls and
-their effect (create, delete) lands only when they finish, as on the real API; a caller that
-does not wait sees the old state. Deleting a disk that an instance uses, or a network that a
-firewall, subnetwork or instance uses, fails with 400 resourceInUseByAnotherResource.
+Rules it applies, as the API does: a name in use is a 409 alreadyExists; deleting a disk that an instance uses, or a
+network that a firewall, subnetwork or instance uses, or a resource policy an instance uses, fails with 400
+resourceInUseByAnotherResource; setLabels needs the current labelFingerprint (else 412 conditionNotMet); an instance
+insert is checked against the zone's offerings, gVNIC and compact-placement rules, and ends with
+ZONE_RESOURCE_POOL_EXHAUSTED in a zone `exhaust()`ed or QUOTA_EXCEEDED past a GPU quota (tests/fakes/gce_rules.py).
 
-For image baking: an instance's boot disk can come from `initializeParams.sourceImage` (an image
-or `.../images/family/F`, in any project; 404 when there is none); creating an image from a disk
-that a RUNNING instance uses fails with 400 resourceInUseByAnotherResource unless `forceCreate`
-is set, as on the real API. `fail_next("image", "insert", "message", leave=True)` makes the next
-such operation end with that error (and, with `leave`, leaves the resource behind with status
-FAILED, like a half-made image).
+Operations are DONE at once. With `pending_polls=N` they report RUNNING for N polls and their effect (create,
+delete) lands only when they finish; a caller that does not wait sees the old state.
+
+For image baking: an instance's boot disk can come from `initializeParams.sourceImage` (an image or
+`.../images/family/F`, in any project; 404 when there is none); creating an image from a disk that a RUNNING instance
+uses fails with 400 resourceInUseByAnotherResource unless `forceCreate` is set. `fail_next("image", "insert",
+"message", leave=True)` makes the next such operation end with that error (and, with `leave`, leaves the resource
+behind with status FAILED, like a half-made image).
 """
 
 from __future__ import annotations
@@ -32,10 +36,22 @@ import json
 import re
 import threading
 from datetime import datetime, timedelta, timezone
-from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
+
+from tests.fakes.gce_filter import FilterError, field_value, matches  # noqa: F401 - field_value re-exported
+from tests.fakes.gce_filter import parse_filter as _parse_filter
+from tests.fakes.gce_iam import ServiceAccounts
+from tests.fakes.gce_rules import (
+    DEFAULT_OFFERINGS,
+    GLOBAL_GPU_METRIC,
+    InsertRefused,
+    capacity_error,
+    check_instance,
+    gpu_demand,
+    quota_error,
+)
 
 API_ROOT = "https://www.googleapis.com/compute/v1/"  # what real selfLinks start with
 SCOPED = {"instances": "zones", "disks": "zones", "subnetworks": "regions", "addresses": "regions",
@@ -43,10 +59,9 @@ SCOPED = {"instances": "zones", "disks": "zones", "subnetworks": "regions", "add
 SINGULAR = {"instances": "instance", "disks": "disk", "subnetworks": "subnetwork", "addresses": "address",
             "resourcePolicies": "resourcePolicy", "firewalls": "firewall", "networks": "network",
             "images": "image"}
+OFFERED = ("machineTypes", "acceleratorTypes")  # read-only per-zone collections, from `offerings`
+SINGULAR_OFFERED = {"machineTypes": "machineType", "acceleratorTypes": "acceleratorType"}
 MAX_RESULTS = 500  # the API's default and maximum page size for list calls
-TERM = re.compile(r'\s*\(?\s*([A-Za-z][\w.\-]*)\s*(!=|=|:|\beq\b|\bne\b)\s*("(?:[^"\\]|\\.)*"|[^\s()]+)\s*\)?\s*(?:AND\s+)?')
-
-
 class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str):
         super().__init__(message)
@@ -57,44 +72,12 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "errors": [err]}}
 
 
-def parse_filter(text: str) -> list[tuple[str, str, str]]:
-    """`labels.a = b (name eq x-.*)` -> [("labels.a", "=", "b"), ("name", "eq", "x-.*")]."""
-    terms, pos = [], 0
-    text = text.strip()
-    while pos < len(text):
-        m = TERM.match(text, pos)
-        if not m or m.end() == pos:
-            raise ApiError(400, "invalid", f"Invalid value for field 'filter': '{text}'.")
-        value = m.group(3)
-        if value.startswith('"'):
-            value = json.loads(value)
-        terms.append((m.group(1), m.group(2), value))
-        pos = m.end()
-    return terms
-
-
-def field_value(resource: dict, path: str) -> Any:
-    if path.startswith("labels."):
-        return resource.get("labels", {}).get(path[len("labels."):])
-    value: Any = resource
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def matches(resource: dict, terms: list[tuple[str, str, str]]) -> bool:
-    for path, op, want in terms:
-        value = field_value(resource, path)
-        text = str(value).lower() if isinstance(value, bool) else ("" if value is None else str(value))
-        if op == ":":
-            ok = value is not None if want == "*" else fnmatchcase(text, want)
-        elif op in ("=", "!="):
-            ok = (value is not None and text == want) == (op == "=")
-        else:
-            ok = (value is not None and re.fullmatch(want, text) is not None) == (op == "eq")
-        if not ok:
-            return False
-    return True
+def parse_filter(text: str) -> list:
+    """A list filter in one of the documented forms; anything else is the API's 400 invalid."""
+    try:
+        return _parse_filter(text)
+    except FilterError:
+        raise ApiError(400, "invalid", f"Invalid value for field 'filter': '{text}'. Invalid list filter expression.")
 
 
 def last(url: str) -> str:
@@ -105,12 +88,18 @@ class FakeCompute:
     """State: `store[collection][(project, scope)][name] -> resource dict` (scope `zones/Z`,
     `regions/R` or `global`); `operations[name]`; `requests` logs (method, path)."""
 
-    def __init__(self, project: str = "fake-project", pending_polls: int = 0):
+    def __init__(self, project: str = "fake-project", pending_polls: int = 0,
+                 offerings: dict[str, dict[str, list[str]]] | None = None, default_network: bool = True):
         self.project = project
         self.pending_polls = pending_polls
+        self.offerings = {z: {k: list(v) for k, v in o.items()} for z, o in (offerings or DEFAULT_OFFERINGS).items()}
+        self.exhausted: set[tuple[str, str]] = set()  # (zone, machine type or "*")
+        self.quotas: dict[tuple[str, str], float] = {}  # (project, region or "global") -> {metric: limit}
+        self.iam = ServiceAccounts()
         self.store: dict[str, dict[tuple[str, str], dict[str, dict]]] = {c: {} for c in SCOPED}
         self.operations: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
+        self.inserted: list[tuple[str, dict]] = []  # (collection, body) of every insert asked for
         self.lock = threading.RLock()
         self._ids = itertools.count(1000)
         self._epoch = datetime.now(timezone.utc)
@@ -119,6 +108,9 @@ class FakeCompute:
         self._errors: dict[str, dict] = {}
         self.faults: dict[tuple[str, str], tuple[str, bool]] = {}
         self._httpd: ThreadingHTTPServer | None = None
+        if default_network:  # a new project's auto-mode `default` network (org policies can remove it)
+            self.seed("networks", "global", {"name": "default", "autoCreateSubnetworks": True,
+                                             "description": "Default network for the project"})
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "FakeCompute":
@@ -200,6 +192,25 @@ class FakeCompute:
             return [(scope, r) for (p, scope), rs in self.store[collection].items()
                     if p == (project or self.project) for r in rs.values()]
 
+    def exhaust(self, zone: str, machine_type: str = "*") -> None:
+        """From now on, inserting an instance of `machine_type` (any, with "*") in `zone` ends with
+        ZONE_RESOURCE_POOL_EXHAUSTED, as when Google has no capacity there."""
+        self.exhausted.add((zone, machine_type))
+
+    def set_quota(self, metric: str, limit: float, region: str = "global", project: str | None = None) -> None:
+        """A regional quota (NVIDIA_A100_GPUS in us-central1) or a project-wide one (GPUS_ALL_REGIONS)."""
+        self.quotas[(project or self.project, region, metric)] = float(limit)
+
+    def quota_usage(self, project: str, metric: str, region: str = "global") -> float:
+        used = 0.0
+        for scope, instance in self.items("instances", project):
+            if region != "global" and not scope.startswith(f"zones/{region}-"):
+                continue
+            wanted, count = gpu_demand(instance)
+            if wanted == metric or (metric == GLOBAL_GPU_METRIC and wanted):
+                used += count
+        return used
+
     def fail_next(self, kind: str, verb: str, message: str, leave: bool = False) -> None:
         """The next `verb` operation on a `kind` (singular: "image", "instance") ends with `message` as
         its error; with `leave` its resource is still created, with status FAILED."""
@@ -210,16 +221,31 @@ class FakeCompute:
         url = urlparse(path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.requests.append((method, url.path))
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        from tests.fakes.gce_iam import IamError
+
         try:
             with self.lock:
-                return 200, self._route(method, url.path.strip("/").split("/"), query, body)
+                if parts[:1] == ["v1"]:
+                    return 200, self.iam.route(method, parts[1:], query, body)
+                return 200, self._route(method, parts, query, body)
         except ApiError as exc:
+            return exc.code, exc.body()
+        except IamError as exc:
             return exc.code, exc.body()
 
     def _route(self, method: str, parts: list[str], query: dict, body: dict) -> dict:
+        if parts[:3] == ["compute", "v1", "projects"] and len(parts) == 4 and method == "GET":
+            return self._project(parts[3])
+        if parts[:3] == ["compute", "v1", "projects"] and len(parts) == 6 and parts[4] == "regions" and method == "GET":
+            return self._region(parts[3], parts[5])
         if parts[:3] != ["compute", "v1", "projects"] or len(parts) < 6:
             raise ApiError(404, "notFound", f"Unknown path /{'/'.join(parts)}")
         project, rest = parts[3], parts[4:]
+        if rest[0] == "aggregated" and rest[1] in OFFERED:
+            return self._aggregated_offered(project, rest[1], query)
+        if rest[0] == "zones" and len(rest) >= 3 and rest[2] in OFFERED:
+            return self._offered(project, rest[1], rest[2], rest[3:], query)
         if rest[0] == "aggregated":
             return self._aggregated(project, rest[1], query)
         if rest[0] == "global":
@@ -247,6 +273,55 @@ class FakeCompute:
         if len(rest) == 2 and method == "POST":
             return self._action(collection, project, scope, resource, rest[1], body)
         raise ApiError(400, "badRequest", f"Unsupported {method} on {collection}")
+
+    # -- offerings, regions and quotas --------------------------------------------------------
+    def _offered_items(self, project: str, zone: str, collection: str) -> list[dict]:
+        names = self.offerings.get(zone, {}).get(collection, [])
+        kind = SINGULAR_OFFERED[collection]
+        return [{"kind": f"compute#{kind}", "id": str(abs(hash((zone, n))) % 10**12), "name": n,
+                 "zone": zone, "description": n,
+                 "selfLink": f"{API_ROOT}projects/{project}/zones/{zone}/{collection}/{n}"} for n in names]
+
+    def _offered(self, project: str, zone: str, collection: str, rest: list[str], query: dict) -> dict:
+        items = self._offered_items(project, zone, collection)
+        if rest:
+            found = next((i for i in items if i["name"] == rest[0]), None)
+            if found is None:
+                raise ApiError(404, "notFound", f"The resource 'projects/{project}/zones/{zone}/{collection}/"
+                                                f"{rest[0]}' was not found")
+            return found
+        terms = parse_filter(query.get("filter", ""))
+        page, token = self._page([i for i in items if matches(i, terms)], query)
+        out = {"kind": f"compute#{SINGULAR_OFFERED[collection]}List", "items": page}
+        return {**out, "nextPageToken": token} if token else out
+
+    def _aggregated_offered(self, project: str, collection: str, query: dict) -> dict:
+        terms = parse_filter(query.get("filter", ""))
+        flat = [(f"zones/{zone}", i) for zone in self.offerings for i in self._offered_items(project, zone, collection)
+                if matches(i, terms)]
+        page, token = self._page(flat, query)
+        grouped: dict[str, dict] = {}
+        for scope, item in page:
+            grouped.setdefault(scope, {collection: []})[collection].append(item)
+        out = {"kind": f"compute#{SINGULAR_OFFERED[collection]}AggregatedList", "items": grouped}
+        return {**out, "nextPageToken": token} if token else out
+
+    def _quota_list(self, project: str, where: str) -> list[dict]:
+        return [{"metric": metric, "limit": limit, "usage": self.quota_usage(project, metric, where)}
+                for (p, w, metric), limit in sorted(self.quotas.items()) if (p, w) == (project, where)]
+
+    def _region(self, project: str, region: str) -> dict:
+        zones = sorted({z for z in self.offerings if z.startswith(f"{region}-")})
+        if not zones:
+            raise ApiError(404, "notFound", f"The resource 'projects/{project}/regions/{region}' was not found")
+        return {"kind": "compute#region", "name": region, "status": "UP",
+                "selfLink": f"{API_ROOT}projects/{project}/regions/{region}",
+                "zones": [f"{API_ROOT}projects/{project}/zones/{z}" for z in zones],
+                "quotas": self._quota_list(project, region)}
+
+    def _project(self, project: str) -> dict:
+        return {"kind": "compute#project", "name": project, "id": str(abs(hash(project)) % 10**12),
+                "selfLink": f"{API_ROOT}projects/{project}", "quotas": self._quota_list(project, "global")}
 
     # -- collections ------------------------------------------------------------------------
     def _find(self, collection: str, project: str, scope: str, name: str) -> dict:
@@ -287,6 +362,7 @@ class FakeCompute:
         return {**out, "nextPageToken": token} if token else out
 
     def _insert(self, collection: str, project: str, scope: str, body: dict, query: dict | None = None) -> dict:
+        self.inserted.append((collection, json.loads(json.dumps(body))))
         if collection == "images" and body.get("sourceDisk") and (query or {}).get("forceCreate") != "true":
             self._check_disk_not_running(project, body["sourceDisk"])
         if not body.get("name"):
@@ -294,9 +370,58 @@ class FakeCompute:
         if body["name"] in self.store[collection].get((project, scope), {}):
             raise ApiError(409, "alreadyExists",
                            f"The resource 'projects/{project}/{scope}/{collection}/{body['name']}' already exists")
+        error = None
+        if collection in ("instances", "firewalls", "subnetworks"):
+            self._check_network_refs(project, scope, collection, body)
+        if collection == "instances":
+            error = self._check_instance(project, scope, body)
+        if error is not None:  # the operation fails: nothing is made, not even the boot disk
+            stub = {"name": body["name"], "kind": f"compute#{SINGULAR[collection]}", "id": str(next(self._ids)),
+                    "selfLink": self._url(project, scope, collection, body["name"])}
+            return self._operate(project, scope, "insert", stub, lambda: None, error=error)
         resource = self._build(collection, project, scope, body)
         return self._operate(project, scope, "insert", resource,
-                             lambda: self._put(collection, project, scope, resource))
+                             lambda: self._put(collection, project, scope, resource), error=error)
+
+    def _check_network_refs(self, project: str, scope: str, collection: str, body: dict) -> None:
+        """Networks and subnetworks an insert names must exist (404); an instance on a custom-mode network must
+        name a subnetwork (400), as the API answers."""
+        refs = [body] if collection != "instances" else body.get("networkInterfaces", [])
+        for i, ref in enumerate(refs):
+            subnet_ref = ref.get("subnetwork") if collection == "instances" else None
+            network_ref = ref.get("network") or ("" if subnet_ref else "default")
+            if network_ref:
+                network = self.store["networks"].get((project, "global"), {}).get(last(network_ref))
+                if network is None:
+                    raise ApiError(404, "notFound",
+                                   f"The resource 'projects/{project}/global/networks/{last(network_ref)}' was not found")
+                if collection == "instances" and not subnet_ref and network.get("autoCreateSubnetworks") is False:
+                    raise ApiError(400, "invalid", f"Invalid value for field 'resource.networkInterfaces[{i}]': ''. "
+                                                   "Subnetwork should be specified for custom subnetmode network")
+            if subnet_ref:
+                region = scope.split("/", 1)[1].rsplit("-", 1)[0]
+                if not self.store["subnetworks"].get((project, f"regions/{region}"), {}).get(last(subnet_ref)):
+                    raise ApiError(404, "notFound", f"The resource 'projects/{project}/regions/{region}/subnetworks/"
+                                                    f"{last(subnet_ref)}' was not found")
+
+    def _check_instance(self, project: str, scope: str, body: dict) -> dict | None:
+        """The 400s of instances.insert, then the errors its operation would end with (capacity, quota)."""
+        zone = scope.split("/", 1)[1]
+        policies = {r["selfLink"]: r for _, r in self.items("resourcePolicies", project)}
+        try:
+            check_instance(body, zone, self.offerings, policies)
+        except InsertRefused as exc:
+            raise ApiError(exc.code, exc.reason, exc.message) from None
+        machine = last(body.get("machineType", ""))
+        if (zone, machine) in self.exhausted or (zone, "*") in self.exhausted:
+            return capacity_error(project, zone)
+        metric, count = gpu_demand(body)
+        region = zone.rsplit("-", 1)[0]
+        for where, name, text in ((region, metric, f"in region {region}"), ("global", GLOBAL_GPU_METRIC, "globally")):
+            limit = self.quotas.get((project, where, name)) if name else None
+            if limit is not None and count and self.quota_usage(project, name, where) + count > limit:
+                return quota_error(name, limit, text)
+        return None
 
     def _delete(self, collection: str, project: str, scope: str, resource: dict) -> dict:
         self._check_unused(collection, project, resource)
@@ -306,6 +431,9 @@ class FakeCompute:
     def _action(self, collection: str, project: str, scope: str, resource: dict, verb: str,
                 body: dict) -> dict:
         if verb == "setLabels":
+            if body.get("labelFingerprint") != resource.get("labelFingerprint"):
+                raise ApiError(412, "conditionNotMet", "Labels fingerprint either invalid or resource labels have "
+                                                       "changed")
             commit = lambda: resource.update(labels=dict(body.get("labels", {})),
                                              labelFingerprint=f"fp{next(self._ids)}")
         elif collection == "instances" and verb in ("stop", "start"):
@@ -335,7 +463,7 @@ class FakeCompute:
 
     def _from_family(self, project: str, family: str) -> dict:
         live = [r for _, r in self.items("images", project) if r.get("family") == family
-                and r.get("deprecated", {}).get("state", "ACTIVE") == "ACTIVE"]
+                and r.get("deprecated", {}).get("state", "ACTIVE") == "ACTIVE" and r.get("status") == "READY"]
         if not live:
             raise ApiError(404, "notFound",
                            f"The resource 'projects/{project}/global/images/family/{family}' was not found")
@@ -469,7 +597,7 @@ class FakeCompute:
 
     # -- operations -------------------------------------------------------------------------
     def _operate(self, project: str, scope: str, verb: str, resource: dict,
-                 commit: Callable[[], None]) -> dict:
+                 commit: Callable[[], None], error: dict | None = None) -> dict:
         name = f"operation-{next(self._ids)}"
         op = {"kind": "compute#operation", "id": str(next(self._ids)), "name": name,
               "operationType": verb, "targetLink": resource["selfLink"], "targetId": resource["id"],
@@ -478,7 +606,10 @@ class FakeCompute:
         if scope != "global":
             op[scope.split("/")[0][:-1]] = f"{API_ROOT}projects/{project}/{scope}"
         fault = self.faults.pop((resource["kind"].split("#")[-1], verb), None)
-        if fault is not None:
+        if error is not None:
+            self._errors[name] = {"errors": [error]}
+            commit = lambda: None  # noqa: E731 - the resource is never created
+        elif fault is not None:
             message, leave = fault
             self._errors[name] = {"errors": [{"code": "FAKE_FAILURE", "message": message}]}
             commit = (lambda done=commit: (done(), resource.update(status="FAILED"))) if leave else (lambda: None)

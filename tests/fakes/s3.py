@@ -33,14 +33,29 @@ class S3Bucket:
 
 
 def start_moto_server() -> tuple[str, Callable[[], None]]:
-    """Start moto's server on a free loopback port; returns (endpoint URL, stop)."""
+    """Start moto's server on a free loopback port, with what moto lacks added (tests/fakes/moto_ext.py);
+    returns (endpoint URL, stop)."""
     from moto.server import ThreadedMotoServer
+
+    from tests.fakes import moto_ext
+
+    moto_ext.install()
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     return f"http://{host}:{port}", server.stop
+
+
+def reset_moto(endpoint: str) -> None:
+    """Empty every moto backend and our extras (a fresh account)."""
+    import urllib.request
+
+    from tests.fakes import moto_ext
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+    moto_ext.reset()
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

@@ -148,7 +148,15 @@ def test_gcp_bake_provisions_the_builder_images_it_into_the_family_and_removes_e
         "gpuforge-driver": "580-167-08", "gpuforge-cuda": "13-0", "gpuforge-torch": "2-13-0",
         "gpuforge-version": version.replace(".", "-"), "gpuforge-source": stamp, "gpuforge-gpu": "l4",
         "gpuforge-driver-modules": "open"}
-    assert infra_image_choice(monkeypatch, gce).endswith(f"/global/images/{result.name}")
+    # a bare `pulumi up` boots the family, which GCE resolves to its newest non-deprecated image: this one
+    assert gce._resolve_image(PROJECT, infra_image_choice(monkeypatch, gce))["name"] == result.name
+    # `fab up` records the concrete image at the first up
+    from google.cloud import compute_v1
+
+    from images.lookup import find_gcp_image
+
+    images = compute_v1.ImagesClient(**client_kwargs(gce), transport="rest")
+    assert find_gcp_image(images, PROJECT, "ubuntu-22.04", "L4").id == result.image_id
     # builder, its disk and the firewall are gone; the oldest baked image of the family is pruned
     after = inventory(gce)
     assert result.deleted_images == [old[0]["selfLink"]]
@@ -206,3 +214,47 @@ def test_gcp_bake_whose_image_operation_fails_deletes_the_half_made_image_and_th
 
     assert inventory(gce) == before
     assert ("DELETE", f"/compute/v1/projects/{PROJECT}/global/images/half-made") in gce.requests
+
+
+def test_an_a3_builder_gets_gvnic_as_the_series_requires(gce, home):
+    """Regression: the builder's NIC had no nicType, and GCE refuses A3 VMs without gVNIC (the fake applies the
+    rule), so A3 bakes never started."""
+    seen: dict[str, object] = {}
+
+    def capture(builder: BuilderInstance) -> ClusterInfo:
+        seen["nic"] = gce.get("instances", "zones/us-central1-b", builder.name)["networkInterfaces"][0]
+        raise BakeError("stop after the launch")
+
+    with pytest.raises(BakeError, match="stop after the launch"):
+        bake_gcp(spec(instance_type="a3-highgpu-8g", zone="us-central1-b"), home, **client_kwargs(gce),
+                 provision=lambda c, h: None, connect_target=capture, on_event=lambda _: None)
+
+    assert seen["nic"]["nicType"] == "GVNIC"
+    assert gce.names("instances") == set() and gce.names("firewalls") == set()
+
+
+def test_a_project_without_a_default_network_bakes_on_the_network_and_subnetwork_given(home):
+    with FakeCompute(project=PROJECT, pending_polls=1, default_network=False) as gce:
+        gce.seed("images", "global", {"name": BASE, "family": "ubuntu-2204-lts", "diskSizeGb": "10"},
+                 project="ubuntu-os-cloud")
+        net = gce.seed("networks", "global", {"name": "lab-net", "autoCreateSubnetworks": False})
+        gce.seed("subnetworks", "regions/us-central1", {"name": "lab-subnet", "network": net["selfLink"],
+                                                        "ipCidrRange": "10.1.0.0/24"})
+        with pytest.raises(BakeError, match="networks/default' was not found"):
+            bake_gcp(spec(), home, **client_kwargs(gce), provision=lambda c, h: None, connect_target=stand_in,
+                     on_event=lambda _: None)
+        seen = {}
+
+        def capture(builder: BuilderInstance) -> ClusterInfo:
+            seen["instance"] = gce.get("instances", ZONE, builder.name)
+            seen["firewall"] = gce.get("firewalls", "global", f"{builder.name}-ssh")
+            raise BakeError("stop after the launch")
+
+        with pytest.raises(BakeError, match="stop after the launch"):
+            bake_gcp(spec(network="lab-net", subnetwork="lab-subnet"), home, **client_kwargs(gce),
+                     provision=lambda c, h: None, connect_target=capture, on_event=lambda _: None)
+
+        nic = seen["instance"]["networkInterfaces"][0]
+        assert nic["network"].endswith("/global/networks/lab-net") and nic["subnetwork"].endswith("/lab-subnet")
+        assert seen["firewall"]["network"].endswith("/global/networks/lab-net")
+        assert gce.names("instances") == set() and gce.names("firewalls") == set()

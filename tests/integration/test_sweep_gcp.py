@@ -1,9 +1,10 @@
-"""The GCP leftover sweep with the real google-cloud-compute client against tests/fakes/gce.py,
-and google-cloud-storage against the GCS emulator.
+"""The GCP sweep with the real google-cloud-compute client against tests/fakes/gce.py (Compute and IAM's service
+accounts), and google-cloud-storage against the GCS emulator.
 
-Operations stay RUNNING for one poll and take effect only when done (as on the real API), so a
-purge that does not wait on the right endpoint, or deletes in the wrong order, fails here: the
-fake refuses to delete a disk an instance uses or a network a firewall or subnetwork uses.
+Operations stay RUNNING for one poll and take effect only when done (as on the real API), so a purge that does
+not wait on the right endpoint, or deletes in the wrong order, fails here: the fake refuses to delete a disk an
+instance uses or a network a firewall or subnetwork uses. A stranger's resources named like ours (`demo-...`)
+carry no marker and must survive.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import uuid
 
 import pytest
 
+from infra.cluster import ownership_marker
 from infra.errors import SweepError
 from infra.sweep import find_gcp_leftovers, purge_leftovers
 from tests.fakes.gce import FakeCompute
@@ -19,10 +21,10 @@ from tests.fakes.gcs import gcs_emulator, gcs_env, make_gcs_client  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
-PROJECT = "test"
+PROJECT = "test-project"
 REGION = "us-central1"
 ZONE = f"zones/{REGION}-a"
-REGION_SCOPE = f"regions/{REGION}"
+ID = "abc123def456"
 
 
 @pytest.fixture
@@ -42,44 +44,54 @@ def sweep_kwargs(gce: FakeCompute) -> dict:
     return {"client_options": gce.client_options, "credentials": gce.credentials}
 
 
-def labels(cluster: str) -> dict:
-    return {"gpuforge-cluster": cluster}
+def labels(cluster: str, cluster_id: str = ID) -> dict:
+    return {"gpuforge-cluster": cluster, "gpuforge-cluster-id": cluster_id}
 
 
-def seed_cluster(gce: FakeCompute, cluster: str, zone: str = ZONE) -> None:
-    """What infra/gcp.py makes, plus a leaked data disk and address."""
+def seed_cluster(gce: FakeCompute, cluster: str, zone: str = ZONE, cluster_id: str = ID) -> None:
+    """What infra/gcp.py makes (unlabelled types marked in their description), plus a leaked disk and address."""
     region = zone.rsplit("-", 1)[0].replace("zones/", "regions/")
-    net = gce.seed("networks", "global", {"name": f"{cluster}-net", "autoCreateSubnetworks": False})
-    subnet = gce.seed("subnetworks", region, {"name": f"{cluster}-subnet", "network": net["selfLink"],
-                                              "ipCidrRange": "10.10.0.0/24"})
-    gce.seed("firewalls", "global", {"name": f"{cluster}-ssh", "network": net["selfLink"],
-                                     "sourceRanges": ["198.51.100.0/24"]})
-    policy = gce.seed("resourcePolicies", region, {"name": f"{cluster}-placement"})
+    mark = ownership_marker(cluster, cluster_id)
+    net = gce.seed("networks", "global", {"name": f"{cluster}-net-1a2b", "autoCreateSubnetworks": False,
+                                          "description": f"gpuforge cluster {mark}"})
+    subnet = gce.seed("subnetworks", region, {"name": f"{cluster}-subnet-3c4d", "network": net["selfLink"],
+                                              "ipCidrRange": "10.10.0.0/24", "description": f"gpuforge {mark}"})
+    gce.seed("firewalls", "global", {"name": f"{cluster}-ssh-5e6f", "network": net["selfLink"],
+                                     "sourceRanges": ["198.51.100.0/24"], "description": f"SSH {mark}"})
+    policy = gce.seed("resourcePolicies", region, {"name": f"{cluster}-placement-7a8b",
+                                                   "description": f"compact placement {mark}"})
     gce.seed("instances", zone, {
-        "name": f"{cluster}-node-0", "labels": labels(cluster), "machineType": f"{zone}/machineTypes/g2-standard-4",
-        "resourcePolicies": [policy["selfLink"]],
+        "name": f"{cluster}-0", "labels": labels(cluster, cluster_id),
+        "machineType": f"{zone}/machineTypes/g2-standard-4", "resourcePolicies": [policy["selfLink"]],
         "disks": [{"boot": True, "autoDelete": True,
-                   "initializeParams": {"sizeGb": "200", "labels": labels(cluster)}}],
+                   "initializeParams": {"sizeGb": "200", "labels": labels(cluster, cluster_id)}}],
         "networkInterfaces": [{"network": net["selfLink"], "subnetwork": subnet["selfLink"]}]})
-    gce.seed("disks", zone, {"name": f"{cluster}-data", "sizeGb": "500", "labels": labels(cluster)})
-    gce.seed("addresses", region, {"name": f"{cluster}-ip", "labels": labels(cluster)})
+    gce.seed("disks", zone, {"name": f"{cluster}-data", "sizeGb": "500", "labels": labels(cluster, cluster_id)})
+    gce.seed("addresses", region, {"name": f"{cluster}-ip", "labels": labels(cluster, cluster_id)})
+    gce.iam.create(PROJECT, {"accountId": f"gf-{cluster}-sa", "serviceAccount": {
+        "displayName": f"gpuforge cluster {cluster} nodes", "description": f"gpuforge cluster nodes {mark}"}})
 
 
-def seed_bystanders(gce: FakeCompute) -> None:
-    seed_cluster(gce, "demo-2")  # a live cluster whose names also start with "demo-"
-    gce.seed("instances", "zones/europe-west4-a", {"name": "demo-node-0", "labels": labels("demo")})
-    gce.seed("disks", ZONE, {"name": "other-data", "labels": labels("other")})
-    gce.seed("disks", ZONE, {"name": "scratch"})
-    gce.seed("firewalls", "global", {"name": "default-allow-ssh"})
+def seed_strangers(gce: FakeCompute) -> None:
+    """The user's own resources named like the cluster's, another live cluster, and a baked image."""
+    seed_cluster(gce, "demo-2", cluster_id="second000000")  # a live cluster whose names also start with "demo-"
+    gce.seed("instances", "zones/europe-west4-a", {"name": "demo-0", "labels": labels("demo")})  # other region
+    gce.seed("disks", ZONE, {"name": "other-data", "labels": labels("other", "other0000000")})
+    gce.seed("disks", ZONE, {"name": "demo-scratch"})
+    prod = gce.seed("networks", "global", {"name": "demo-prod", "autoCreateSubnetworks": True})
+    gce.seed("firewalls", "global", {"name": "demo-allow-https", "network": prod["selfLink"]})
+    gce.seed("resourcePolicies", f"regions/{REGION}", {"name": "demo-placement-daily",
+                                                       "description": "a user's snapshot schedule"})
+    gce.iam.create(PROJECT, {"accountId": "demo-ci-runner", "serviceAccount": {"displayName": "demo CI"}})
     gce.seed("images", "global", {"name": "demo-image-1", "family": "gpuforge", "labels": labels("demo"),
-                                  "sourceDisk": f"{ZONE}/disks/scratch"})
+                                  "sourceDisk": f"{ZONE}/disks/demo-scratch"})
 
 
 def seed_buckets(gcs) -> dict[str, str]:
     """A bucket with a checkpoint for "demo" and for "demo-2"; the emulator is shared, so names are unique."""
     names = {}
     for cluster in ("demo", "demo-2"):
-        names[cluster] = f"{cluster}-storage-{uuid.uuid4().hex[:8]}"
+        names[cluster] = f"gpuforge-{cluster}-{uuid.uuid4().hex[:8]}"
         bucket = gcs.create_bucket(names[cluster])
         bucket.labels = labels(cluster)
         bucket.patch()  # the emulator drops labels given at creation
@@ -87,52 +99,65 @@ def seed_buckets(gcs) -> dict[str, str]:
     return names
 
 
-def test_find_gcp_leftovers_lists_exactly_this_clusters_resources(gce, gcs):
+def test_find_gcp_leftovers_claims_by_label_and_marker_never_by_name(gce, gcs):
     seed_cluster(gce, "demo")
-    gce.seed("firewalls", "global", {"name": "allow-internal", "network": "global/networks/demo-net"})
-    seed_bystanders(gce)
+    seed_strangers(gce)
     buckets = seed_buckets(gcs)
 
     found = find_gcp_leftovers("demo", PROJECT, REGION, **sweep_kwargs(gce))
 
     assert sorted((lo.kind, lo.name, lo.region) for lo in found if lo.kind != "bucket") == sorted([
-        ("instance", "demo-node-0", f"{REGION}-a"), ("disk", "demo-node-0", f"{REGION}-a"),
+        ("instance", "demo-0", f"{REGION}-a"), ("disk", "demo-0", f"{REGION}-a"),
         ("disk", "demo-data", f"{REGION}-a"), ("address", "demo-ip", REGION),
-        ("resource-policy", "demo-placement", REGION), ("firewall", "demo-ssh", "global"),
-        ("firewall", "allow-internal", "global"), ("subnetwork", "demo-subnet", REGION),
-        ("network", "demo-net", "global")])
+        ("resource-policy", "demo-placement-7a8b", REGION), ("firewall", "demo-ssh-5e6f", "global"),
+        ("subnetwork", "demo-subnet-3c4d", REGION), ("network", "demo-net-1a2b", "global"),
+        ("service-account", "gf-demo-sa", "global")])
     assert [lo.name for lo in found if lo.kind == "bucket"] == [buckets["demo"]]
-    ids = {lo.name: lo.id for lo in found if lo.kind != "bucket"}
-    assert ids["demo-data"] == gce.get("disks", ZONE, "demo-data")["id"]
+    assert {(lo.owner, lo.owner_id) for lo in found} == {("demo", ID)}
     detail = {lo.name: lo.detail for lo in found}
     assert detail["demo-data"].startswith("READY, 500 GB")
-    assert "used by demo-node-0" in {lo.name: lo.detail for lo in found if lo.kind == "disk"}["demo-node-0"]
-    assert detail[buckets["demo"]].startswith("has objects")
+    assert detail[buckets["demo"]] == "1 object version(s), 7 bytes"
     assert [lo.kind for lo in found][:1] == ["instance"] and found[-1].kind == "bucket"
 
 
-def test_purge_gcp_leftovers_removes_them_in_order_and_spares_others(gce, gcs):
+def test_purge_removes_them_in_order_and_spares_strangers(gce, gcs):
     seed_cluster(gce, "demo")
-    seed_bystanders(gce)
+    seed_strangers(gce)
     buckets = seed_buckets(gcs)
-    before = {c: gce.names(c, scope) for c, scope in (("instances", ZONE), ("disks", ZONE),
-                                                       ("firewalls", "global"), ("images", "global"))}
+    before = {c: gce.names(c) for c in ("instances", "disks", "firewalls", "networks", "resourcePolicies", "images")}
+    accounts_before = set(gce.iam.accounts[PROJECT])
 
     kwargs = sweep_kwargs(gce)
     results = purge_leftovers(find_gcp_leftovers("demo", PROJECT, REGION, **kwargs), project=PROJECT, **kwargs)
 
     assert [(lo.kind, lo.name, err) for lo, err in results if err] == []
     assert find_gcp_leftovers("demo", PROJECT, REGION, **kwargs) == []
-    assert gce.names("instances", ZONE) == before["instances"] - {"demo-node-0"}
-    assert gce.names("disks", ZONE) == before["disks"] - {"demo-node-0", "demo-data"}
-    assert gce.names("firewalls") == before["firewalls"] - {"demo-ssh"}
-    assert gce.names("networks") == {"demo-2-net"}
+    assert gce.names("instances", ZONE) == {"demo-2-0"}
+    assert gce.names("instances", "zones/europe-west4-a") == {"demo-0"}
+    assert gce.names("disks") == before["disks"] - {"demo-data"} - {"demo-0"}
+    assert gce.names("firewalls") == before["firewalls"] - {"demo-ssh-5e6f"}
+    assert "demo-allow-https" in gce.names("firewalls")
+    assert gce.names("networks") == before["networks"] - {"demo-net-1a2b"}
+    assert gce.names("resourcePolicies") == before["resourcePolicies"] - {"demo-placement-7a8b"}
     assert gce.names("images") == {"demo-image-1"}  # baked images are never leftovers
-    assert gce.names("instances", "zones/europe-west4-a") == {"demo-node-0"}
+    assert set(gce.iam.accounts[PROJECT]) == accounts_before - {f"gf-demo-sa@{PROJECT}.iam.gserviceaccount.com"}
     remaining = {b.name for b in gcs.list_buckets()}
     assert buckets["demo-2"] in remaining and buckets["demo"] not in remaining
-    deletes = [path for method, path in gce.requests if method == "DELETE"]
-    assert deletes.index(f"/compute/v1/projects/{PROJECT}/global/networks/demo-net") == len(deletes) - 1
+    deletes = [path for method, path in gce.requests if method == "DELETE" and "/compute/" in path]
+    assert deletes[-1].endswith("/global/networks/demo-net-1a2b")
+
+
+def test_a_users_firewall_in_the_clusters_network_is_not_deleted_and_the_network_delete_says_why(gce, gcs):
+    seed_cluster(gce, "demo")
+    network = gce.get("networks", "global", "demo-net-1a2b")
+    gce.seed("firewalls", "global", {"name": "allow-office", "network": network["selfLink"]})
+
+    kwargs = sweep_kwargs(gce)
+    results = {lo.name: err for lo, err in purge_leftovers(
+        find_gcp_leftovers("demo", PROJECT, REGION, **kwargs), project=PROJECT, **kwargs)}
+
+    assert "allow-office" not in results and "allow-office" in gce.names("firewalls")
+    assert "already being used by" in results["demo-net-1a2b"] and "allow-office" in results["demo-net-1a2b"]
 
 
 def test_purge_gcp_reports_a_failure_and_goes_on(gce, gcs):
@@ -144,9 +169,17 @@ def test_purge_gcp_reports_a_failure_and_goes_on(gce, gcs):
     results = {lo.name: err for lo, err in purge_leftovers(
         find_gcp_leftovers("demo", PROJECT, REGION, **kwargs), project=PROJECT, **kwargs)}
 
-    assert "resourceInUseByAnotherResource" in results["demo-data"] or "already being used" in results["demo-data"]
-    assert results["demo-net"] is None and results["demo-ssh"] is None
+    assert "already being used" in results["demo-data"]
+    assert results["demo-net-1a2b"] is None and results["demo-ssh-5e6f"] is None
     assert [lo.name for lo in find_gcp_leftovers("demo", PROJECT, REGION, **kwargs)] == ["demo-data"]
+
+
+def test_what_the_stack_recorded_is_claimed_without_a_marker(gce, gcs):
+    net = gce.seed("networks", "global", {"name": "demo-net-9z", "autoCreateSubnetworks": False})
+
+    found = find_gcp_leftovers("demo", PROJECT, REGION, recorded=frozenset({net["selfLink"]}), **sweep_kwargs(gce))
+
+    assert [(lo.kind, lo.name, lo.recorded) for lo in found] == [("network", "demo-net-9z", True)]
 
 
 def test_find_gcp_leftovers_skips_buckets_without_a_storage_endpoint(gce, monkeypatch):
@@ -158,7 +191,7 @@ def test_find_gcp_leftovers_skips_buckets_without_a_storage_endpoint(gce, monkey
     assert "bucket" not in {lo.kind for lo in found} and "disk" in {lo.kind for lo in found}
 
 
-def test_purge_gcp_needs_a_project_before_any_call(gce):
+def test_purge_gcp_needs_a_project_before_any_call(gce, gcs):
     seed_cluster(gce, "demo")
     found = find_gcp_leftovers("demo", PROJECT, REGION, **sweep_kwargs(gce))
     calls = len(gce.requests)

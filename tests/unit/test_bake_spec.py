@@ -45,7 +45,9 @@ def test_defaults_fill_builder_region_zone_and_plain_ubuntu_base():
 
 
 def test_ssh_cidrs_are_normalized_and_a_security_group_stands_in_for_them():
-    assert aws(ssh_cidrs=["203.0.113.4/32", "2001:db8::/64"]).ssh_cidrs == ("203.0.113.4/32", "2001:db8::/64")
+    assert aws(ssh_cidrs=["203.0.113.4/32", "198.51.100.0/24"]).ssh_cidrs == ("203.0.113.4/32", "198.51.100.0/24")
+    with pytest.raises(BakeSpecError, match="IPv6"):  # the builder's network is IPv4-only, as a cluster's
+        aws(ssh_cidrs=["2001:db8::/64"])
     spec = aws(ssh_cidrs=(), subnet_id="subnet-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
     assert spec.ssh_cidrs == ()
 

@@ -22,6 +22,9 @@ from infra.errors import SpecError
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxZ9p7test gpuforge@test"
 STACK = "test"
 DLAMI_ID = "ami-0dlami0000000000"
+# Root device names as DescribeImages reports them: Ubuntu AMIs (Canonical's, the DLAMI) use /dev/sda1,
+# Amazon Linux and many others /dev/xvda.
+ROOT_DEVICES = {DLAMI_ID: "/dev/sda1", "ami-0amazonlinux0000": "/dev/xvda"}
 # AWS resource types that take no tags (the API has no tags on them).
 AWS_UNTAGGABLE = {
     "aws:ec2/routeTableAssociation:RouteTableAssociation",
@@ -40,6 +43,7 @@ class Registered:
     name: str
     inputs: dict[str, Any]
     outputs: dict[str, Any] = field(default_factory=dict)
+    retain_on_delete: bool = False  # the resource option, as the engine receives it
 
 
 @dataclass
@@ -87,6 +91,10 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.calls.append((args.token, dict(args.args)))
         if args.token == "aws:ec2/getAmiIds:getAmiIds":
             return {"id": "ami-ids", "ids": matching_amis(self.baked_amis, args.args.get("filters", []))}
+        if args.token == "aws:ec2/getAmi:getAmi":
+            (image,) = next(f["values"] for f in args.args["filters"] if f["name"] == "image-id")
+            root = ROOT_DEVICES.get(image, "/dev/sda1")
+            return {"id": image, "imageId": image, "rootDeviceName": root, "includeDeprecated": True}
         if args.token == "aws:ssm/getParameter:getParameter":
             return {"id": args.args["name"], "name": args.args["name"], "value": DLAMI_ID, "type": "String"}
         if args.token == "gcp:compute/getImages:getImages":
@@ -107,9 +115,27 @@ def matching_amis(amis: list[dict[str, Any]], filters: list[dict[str, Any]]) -> 
 
 
 def matching_images(images: list[dict[str, Any]], expression: str) -> list[dict[str, Any]]:
-    """What Compute images.list answers for a filter of `labels.KEY=VALUE` terms joined by AND."""
-    terms = [t.strip().removeprefix("labels.").split("=", 1) for t in expression.split(" AND ") if t.strip()]
-    return [i for i in images if all(i.get("labels", {}).get(k) == v for k, v in terms)]
+    """What Compute images.list answers for `expression`, by the API's documented filter rules
+    (tests/fakes/gce_filter.py: a filter not in a documented form is refused, as the API refuses it with 400)."""
+    from tests.fakes.gce_filter import matches, parse_filter
+
+    terms = parse_filter(expression)
+    fields = ("name", "selfLink", "creationTimestamp", "family", "labels", "archiveSizeBytes", "description",
+              "diskSizeGb", "imageId", "sourceDisk", "sourceDiskId", "sourceImageId")  # what getImages returns
+    return [{k: i[k] for k in fields if k in i} for i in images if matches(i, terms)]
+
+
+class RecordingMonitor(pulumi.runtime.mocks.MockMonitor):
+    """The mock monitor, also noting the resource options the engine would act on (retainOnDelete)."""
+
+    def __init__(self, mocks: "RecordingMocks") -> None:
+        super().__init__(mocks)
+        self.retained: set[str] = set()
+
+    def RegisterResource(self, request):  # noqa: N802 - the gRPC method name
+        if request.retainOnDelete:
+            self.retained.add(request.name)
+        return super().RegisterResource(request)
 
 
 def computed_outputs(typ: str, name: str, inputs: dict[str, Any], n: int) -> dict[str, Any]:
@@ -161,7 +187,8 @@ def start_mocks(config: dict[str, str], baked_amis=(), gcp_images=()) -> tuple[R
     log.propagate = False
     log.addHandler(handler)
     settings.ROOT.set(None)
-    pulumi.runtime.set_mocks(mocks, project="gpuforge", stack=STACK, preview=False, logger=log)
+    mocks.monitor = RecordingMonitor(mocks)
+    pulumi.runtime.set_mocks(mocks, project="gpuforge", stack=STACK, preview=False, logger=log, monitor=mocks.monitor)
     pulumi.runtime.set_all_config(config)
     return mocks, handler
 
@@ -178,6 +205,8 @@ def run_program(config: dict[str, str], baked_amis=(), gcp_images=()) -> Program
         return pulumi.Output.from_input(run()).apply(outputs.update)
 
     program()
+    for resource in mocks.resources:
+        resource.retain_on_delete = resource.name in mocks.monitor.retained
     keys = [(r.typ, r.name) for r in mocks.resources]
     assert len(keys) == len(set(keys)), f"duplicate resource names: {sorted(k for k in keys if keys.count(k) > 1)}"
     return ProgramRun(mocks.resources, mocks.calls, outputs, handler.messages)
@@ -219,9 +248,19 @@ def test_p4d_nodes_get_one_ena_and_an_efa_only_interface_per_network_card(p4d_pa
     assert (primary["deviceIndex"], primary["networkCardIndex"]) == (0, 0)
     assert "interfaceType" not in primary and primary["associatePublicIpAddress"] == "false"
     assert [n["interfaceType"] for n in efa] == ["efa-only"] * 4
-    assert [n["networkCardIndex"] for n in efa] == [0, 1, 2, 3]
-    assert all(n["deviceIndex"] == 1 for n in efa)
     assert all(n["securityGroups"] == [group_id] for n in nics)
+
+
+@pytest.mark.parametrize("instance_type,cards", [("p4d.24xlarge", 4), ("p5.48xlarge", 32), ("g5.8xlarge", 1)])
+def test_efa_interfaces_follow_awss_maximum_bandwidth_layout(instance_type, cards):
+    """AWS EC2 user guide, "Maximize network bandwidth on instances with multiple network cards": the primary ENA
+    interface at card 0 / device 0, an efa-only one at card 0 / device 1, then one efa-only interface at device
+    index 0 of every further card (regression: every efa-only interface was at device index 1)."""
+    run = run_program(aws_config(instanceType=instance_type))
+    nics = launch_template(run)["networkInterfaces"]
+    slots = [(n["networkCardIndex"], n["deviceIndex"]) for n in nics]
+    assert slots == [(0, 0), (0, 1)] + [(card, 0) for card in range(1, cards)]
+    assert len(set(slots)) == len(slots)  # EC2 refuses two interfaces in one (card, device) slot
 
 
 def test_p4d_nodes_share_a_cluster_placement_group(p4d_pair):
@@ -321,13 +360,12 @@ def test_no_ssh_ingress_without_ssh_cidrs_and_the_user_is_told_how_to_open_it():
 
 
 def test_ssh_opens_only_to_the_configured_cidrs():
-    run = run_program(aws_config(sshCidrs='["203.0.113.4/32", "2001:db8::/64"]'))
+    run = run_program(aws_config(sshCidrs='["203.0.113.4/32", "198.51.100.0/24"]'))
     rules = ssh_rules(run)
-    cidrs = sorted(r.inputs.get("cidrIpv4") or r.inputs["cidrIpv6"] for r in rules)
-    assert cidrs == ["2001:db8::/64", "203.0.113.4/32"]
-    assert [r.inputs.get("cidrIpv6") for r in rules if ":" in str(r.inputs.get("cidrIpv6"))] == ["2001:db8::/64"]
+    assert sorted(r.inputs["cidrIpv4"] for r in rules) == ["198.51.100.0/24", "203.0.113.4/32"]
+    assert all(r.inputs.get("cidrIpv6") is None for r in rules)
     assert all((r.inputs["ipProtocol"], r.inputs["toPort"]) == ("tcp", 22) for r in rules)
-    assert run.warnings == []
+    assert not [w for w in run.warnings if "sshCidrs" in w]
 
 
 def test_imdsv2_is_required(p4d_pair, g5_single):
@@ -370,9 +408,27 @@ def test_bucket_is_private_encrypted_versioned_and_expires_old_versions(g5_singl
     assert g5_single.one("BucketOwnershipControls").inputs["rule"] == {"objectOwnership": "BucketOwnerEnforced"}
 
 
-def test_force_destroy_bucket_only_when_configured():
-    run = run_program(aws_config(forceDestroyBucket="true"))
-    assert run.one("s3/bucket:Bucket").inputs["forceDestroy"] is True
+def test_the_bucket_and_its_settings_are_retained_by_a_destroy_and_nothing_else_is(g5_single):
+    """Data policy: `pulumi destroy` leaves the data bucket (and the settings that keep it private and encrypted);
+    `fab down --delete-data` deletes it. Everything else goes with the stack."""
+    retained = {r.typ.split(":")[-1] for r in g5_single.resources if r.retain_on_delete}
+    assert retained == {"Bucket", "BucketPublicAccessBlock", "BucketOwnershipControls",
+                        "BucketServerSideEncryptionConfiguration", "BucketVersioning", "BucketLifecycleConfiguration"}
+    assert g5_single.one("s3/bucket:Bucket").inputs["forceDestroy"] is False
+    assert g5_single.outputs["bucket"] == g5_single.one("s3/bucket:Bucket").outputs["bucket"]
+
+
+def test_iam_resources_live_under_our_path_with_the_region_tag(g5_single):
+    for resource in (g5_single.one("iam/role:Role"), g5_single.one("InstanceProfile")):
+        assert resource.inputs["path"] == "/gpuforge/"
+        assert resource.inputs["tags"]["gpuforge:region"] == "us-east-1"
+
+
+def test_a_cluster_id_tags_every_resource():
+    run = run_program(aws_config(clusterId="abc123def456"))
+    provider = run.one("pulumi:providers:aws")
+    assert json.loads(provider.inputs["defaultTags"])["tags"]["gpuforge:cluster-id"] == "abc123def456"
+    assert launch_template(run)["tags"]["gpuforge:cluster-id"] == "abc123def456"
 
 
 def test_node_role_reaches_only_this_clusters_bucket(g5_single):
@@ -423,7 +479,8 @@ def test_without_a_baked_image_the_deep_learning_ami_is_used(os_name):
 def test_newest_baked_image_wins_and_the_dlami_is_not_looked_up():
     run = run_program(aws_config(), baked_amis=[baked_ami("ami-0newest"), baked_ami("ami-0older")])
     assert launch_template(run)["imageId"] == "ami-0newest"
-    assert [t for t, _ in run.calls] == ["aws:ec2/getAmiIds:getAmiIds"]
+    assert [t for t, _ in run.calls] == ["aws:ec2/getAmiIds:getAmiIds", "aws:ec2/getAmi:getAmi"]
+    assert any("pulumi config set gpuforge:image ami-0newest" in w for w in run.warnings)
 
 
 @pytest.mark.parametrize(
@@ -442,9 +499,22 @@ def test_baked_image_of_another_driver_flavour_is_not_picked(amis, picked):
     assert filters["tag:gpuforge:driver-modules"] == ["open"]
 
 
-def test_image_override_skips_lookups():
-    run = run_program(aws_config(image="ami-0mine"))
-    assert launch_template(run)["imageId"] == "ami-0mine" and run.calls == []
+def test_a_recorded_image_is_kept_and_only_its_root_device_is_read():
+    run = run_program(aws_config(image="ami-0mine"), baked_amis=[baked_ami("ami-0newer")])
+    assert launch_template(run)["imageId"] == "ami-0mine"
+    ((token, args),) = run.calls
+    assert token == "aws:ec2/getAmi:getAmi" and args["filters"] == [{"name": "image-id", "values": ["ami-0mine"]}]
+    assert args["includeDeprecated"] is True  # a recorded image stays usable after AWS deprecates it
+    assert not [w for w in run.warnings if "gpuforge:image" in w]
+
+
+@pytest.mark.parametrize("image,device", [("ami-0amazonlinux0000", "/dev/xvda"), (DLAMI_ID, "/dev/sda1")])
+def test_the_root_volume_goes_on_the_images_own_root_device(image, device):
+    """Regression: /dev/sda1 was hard-coded; on an image whose root is /dev/xvda that mapping adds a second,
+    empty volume and leaves the root at the image's size."""
+    run = run_program(aws_config(image=image))
+    (mapping,) = launch_template(run)["blockDeviceMappings"]
+    assert mapping["deviceName"] == device
 
 
 # -- config validation --------------------------------------------------------------------------------
@@ -458,6 +528,11 @@ def test_image_override_skips_lookups():
         ({"gpuforge:sshCidrs": '["203.0.113.4/40"]'}, "ssh_cidrs entry '203.0.113.4/40' is not a CIDR"),
         ({"gpuforge:sshCidrs": "0.0.0.1/0"}, "ssh_cidrs entry '0.0.0.1/0' is not a CIDR"),
         ({"gpuforge:sshPublicKey": ""}, "ssh_public_key is empty"),
+        ({"gpuforge:sshPublicKey": "ecdsa-sha2-nistp256 AAAAE2VjZHNh me"},
+         "ssh_public_key has type ecdsa-sha2-nistp256, but EC2 imports only ssh-ed25519 and ssh-rsa keys"),
+        ({"gpuforge:sshPublicKey": "sk-ssh-ed25519@openssh.com AAAAGnNr me"}, "EC2 imports only ssh-ed25519 and"),
+        ({"gpuforge:sshCidrs": '["2001:db8::/64"]'}, "ssh_cidrs entry '2001:db8::/64' is IPv6, but gpuforge's aws"),
+        ({"gpuforge:forceDestroyBucket": "true"}, "gpuforge:forceDestroyBucket is no longer used"),
         ({"gpuforge:instanceTyp": "g5.xlarge"}, "unknown stack config key(s) gpuforge:instanceTyp; valid keys:"),
         ({"gpuforge:accelerator": "nvidia-tesla-t4:1"}, "applies only to GCP n1 machine types"),
         ({"gpuforge:cloud": "local"}, "use `fab up`"),

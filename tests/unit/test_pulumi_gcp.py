@@ -168,9 +168,29 @@ def test_boot_disk_has_the_configured_size():
     assert params["size"] == 750 and params["type"] == "pd-balanced"
 
 
-def test_force_destroy_bucket_only_when_configured():
-    run = run_program(gcp_config(forceDestroyBucket="true", nodes="1"))
-    assert run.one("storage/bucket:Bucket").inputs["forceDestroy"] is True
+def test_the_bucket_is_retained_by_a_destroy_and_nothing_else_is(a2_pair):
+    assert [r.typ for r in a2_pair.resources if r.retain_on_delete] == ["gcp:storage/bucket:Bucket"]
+
+
+def test_unlabelled_resources_carry_the_ownership_marker():
+    """Networks, subnetworks, firewalls, the placement policy and the service account take no labels: their
+    description carries `[gpuforge-cluster=NAME gpuforge-cluster-id=ID]`, which the sweep reads (never the name)."""
+    from infra.cluster import read_marker
+
+    run = run_program(gcp_config(clusterId="abc123def456"))
+    for resource in run.resources:
+        if resource.typ in GCP_UNLABELLED and resource.typ != "gcp:storage/bucketIAMMember:BucketIAMMember":
+            assert read_marker(resource.inputs["description"]) == (STACK, "abc123def456"), resource.typ
+    assert run.one("storage/bucket:Bucket").inputs["labels"]["gpuforge-cluster-id"] == "abc123def456"
+
+
+def test_n1_clusters_get_no_compact_placement_policy():
+    """GCE takes compact placement for A2, A3 and G2, not N1 (regression: every multi-node cluster got one)."""
+    mine = "projects/p/global/images/mine"  # a given image: no lookup in this test
+    run = run_program(gcp_config(instanceType="n1-standard-8", accelerator="nvidia-tesla-t4:1", nodes="2", image=mine))
+    assert not run.of_type("ResourcePolicy")
+    assert all("resourcePolicies" not in n.inputs for n in instances(run))
+    assert run_program(gcp_config(instanceType="g2-standard-8", nodes="2", image=mine)).of_type("ResourcePolicy")
 
 
 def test_every_labellable_resource_carries_the_cluster_label(a2_pair):
@@ -189,12 +209,16 @@ def image_of(run: ProgramRun) -> str:
     return instances(run)[0].inputs["bootDisk"]["initializeParams"]["image"]
 
 
-def baked(name: str, created: str, modules: str = "open", os_label: str = "ubuntu-2204") -> dict:
-    """An image as images/gcp.py labels it."""
+FAMILY = "gpuforge-ubuntu2204-cu130-torch213"
+
+
+def baked(name: str, created: str, modules: str = "open", os_label: str = "ubuntu-2204", status: str = "READY",
+          family: str = FAMILY) -> dict:
+    """An image as images/gcp.py labels it, as images.list returns it (status included)."""
     labels = {"gpuforge-baked": "true", "gpuforge-os": os_label, "gpuforge-driver-modules": modules}
     return {
         "name": name, "selfLink": f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/global/images/{name}",
-        "creationTimestamp": created, "family": "gpuforge-ubuntu-2204", "labels": labels,
+        "creationTimestamp": created, "family": family, "labels": labels, "status": status,
         "archiveSizeBytes": 0, "description": "", "diskSizeGb": 200, "imageId": 1, "sourceDisk": "",
         "sourceDiskId": "", "sourceImageId": "",
     }
@@ -209,32 +233,32 @@ def test_without_a_baked_image_a_deep_learning_vm_family_is_used(os_name, family
     assert image_of(run) == f"projects/deeplearning-platform-release/global/images/family/{family}"
     ((token, args),) = run.calls
     assert token == "gcp:compute/getImages:getImages" and args["project"] == PROJECT
-    assert args["filter"] == (f"labels.gpuforge-baked=true AND labels.gpuforge-os={os_name.replace('.', '')} "
-                              "AND labels.gpuforge-driver-modules=open")  # a2: A100s run the open modules
+    assert any("pulumi config set gpuforge:image" in w for w in run.warnings)
 
 
-def test_newest_baked_image_wins_by_creation_time():
-    images = [
-        baked("gpuforge-old", "2026-09-01T10:00:00.000-07:00"),
-        baked("gpuforge-new", "2026-10-30T10:00:00.000-07:00"),
-        baked("gpuforge-mid", "2026-10-01T10:00:00.000-07:00"),
-    ]
-    run = run_program(gcp_config(nodes="1"), gcp_images=images)
-    assert image_of(run).endswith("/global/images/gpuforge-new")
-    assert run.cluster.extra["image"].endswith("gpuforge-new")
+def test_the_baked_lookup_filter_is_in_the_documented_form_and_needs_ready():
+    """Regression: `labels.a=x AND labels.b=y` is not a documented form (each expression needs parentheses) and
+    the lookup took images that were not READY. The harness applies the API's rules to the program's filter."""
+    run = run_program(gcp_config(nodes="1"), gcp_images=[baked("gpuforge-pending", "2026-10-30T10:00:00Z",
+                                                                status="PENDING")])
+    assert image_of(run).startswith("projects/deeplearning-platform-release/")
+    run = run_program(gcp_config(nodes="1"), gcp_images=[baked("gpuforge-ready", "2026-10-30T10:00:00Z")])
+    assert image_of(run) == f"projects/{PROJECT}/global/images/family/{FAMILY}"  # GCE boots the family's newest
 
 
 @pytest.mark.parametrize(
     "overrides, picked",
     [
-        ({"instanceType": "n1-standard-8", "accelerator": "nvidia-tesla-v100:1"}, "gpuforge-volta"),
-        ({}, "gpuforge-ampere"),  # a2-highgpu-8g
+        ({"instanceType": "n1-standard-8", "accelerator": "nvidia-tesla-v100:1"},
+         "family/gpuforge-ubuntu2204-cu126-torch213"),
+        ({}, f"family/{FAMILY}"),  # a2-highgpu-8g
         ({"os": "ubuntu-24.04"}, "family/common-cu128-ubuntu-2404-nvidia-570"),  # no baked image for noble
     ],
 )
 def test_baked_image_follows_the_gpus_driver_flavour(overrides, picked):
     """Proprietary-module GPUs (V100, cu126) and open-module ones (A100, cu130) never share a baked image."""
-    images = [baked("gpuforge-volta", "2026-10-30T10:00:00.000-07:00", modules="proprietary"),
+    images = [baked("gpuforge-volta", "2026-10-30T10:00:00.000-07:00", modules="proprietary",
+                    family="gpuforge-ubuntu2204-cu126-torch213"),
               baked("gpuforge-ampere", "2026-10-01T10:00:00.000-07:00")]
     run = run_program(gcp_config(nodes="1", **overrides), gcp_images=images)
     assert image_of(run).endswith("/" + picked)
@@ -243,3 +267,9 @@ def test_baked_image_follows_the_gpus_driver_flavour(overrides, picked):
 def test_image_override_skips_lookups():
     run = run_program(gcp_config(image="projects/p/global/images/mine", nodes="1"))
     assert image_of(run) == "projects/p/global/images/mine" and run.calls == []
+
+
+def test_the_cluster_record_carries_the_project_so_down_can_destroy_and_sweep_it():
+    """Regression: ClusterInfo.extra never held the project, so `fab down` of a GCP cluster swept project ""."""
+    run = run_program(gcp_config(nodes="1", image="projects/p/global/images/mine"))
+    assert run.cluster.extra.get("project") == PROJECT

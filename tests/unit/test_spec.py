@@ -87,7 +87,7 @@ def test_several_problems_are_reported_together():
 def test_cloud_defaults(cloud, instance_type, region, zone):
     spec = ClusterSpec(cloud=cloud)
     assert (spec.instance_type, spec.region, spec.zone) == (instance_type, region, zone)
-    assert spec.ssh_cidrs == () and spec.spot is False and spec.force_destroy_bucket is False
+    assert spec.ssh_cidrs == () and spec.spot is False
     assert spec.os == "ubuntu-22.04"
 
 
@@ -139,7 +139,7 @@ def test_from_stack_config_maps_camel_case_keys():
             "gpuforge:sshCidrs": '["203.0.113.4/32"]',
             "gpuforge:sshPublicKey": KEY,
             "gpuforge:sshKeyPath": "/home/me/.ssh/gpuforge",
-            "gpuforge:forceDestroyBucket": "true",
+            "gpuforge:clusterId": "abc123def456",
             "gpuforge:os": "ubuntu-24.04",
             "gcp:project": "my-project-1",
             "aws:region": "eu-west-1",  # another cloud's config is ignored
@@ -150,7 +150,7 @@ def test_from_stack_config_maps_camel_case_keys():
         "gcp", "dev", 2, "us-central1-b", True, 300
     )
     assert spec.ssh_cidrs == ("203.0.113.4/32",) and spec.ssh_key_path == "/home/me/.ssh/gpuforge"
-    assert spec.force_destroy_bucket is True and spec.project == "my-project-1" and spec.os == "ubuntu-24.04"
+    assert spec.cluster_id == "abc123def456" and spec.project == "my-project-1" and spec.os == "ubuntu-24.04"
     assert spec.region == "us-central1"
 
 
@@ -189,3 +189,27 @@ def test_check_deployable(kwargs, fragment):
 
 def test_ssh_hint_shows_the_config_command():
     assert "pulumi config set --path 'gpuforge:sshCidrs[0]' 203.0.113.4/32" in SSH_CIDRS_HINT
+
+
+ECDSA_KEY = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTY me@laptop"
+
+
+def test_ec2_takes_only_rsa_and_ed25519_keys_gce_takes_ecdsa_too():
+    """EC2 ImportKeyPair imports RSA and ED25519 keys only (regression: ECDSA and security keys were accepted and
+    failed at the first `pulumi up`); GCE metadata ssh-keys takes any OpenSSH key."""
+    with pytest.raises(SpecError, match="has type ecdsa-sha2-nistp256, but EC2 imports only ssh-ed25519 and ssh-rsa"):
+        ClusterSpec(cloud="aws", ssh_public_key=ECDSA_KEY)
+    assert ClusterSpec(cloud="gcp", project="my-project-1", ssh_public_key=ECDSA_KEY).ssh_public_key == ECDSA_KEY
+    assert ClusterSpec(cloud="aws", ssh_public_key=KEY).ssh_public_key == KEY
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_ipv6_ssh_cidrs_are_refused_on_ipv4_only_networks(cloud):
+    """Our VPC and networks have no IPv6: a rule for an IPv6 CIDR would admit nobody (regression: it was created)."""
+    with pytest.raises(SpecError, match="'2001:db8::/64' is IPv6, but gpuforge's .* networks are IPv4-only"):
+        ClusterSpec(cloud=cloud, project="my-project-1", ssh_cidrs=["203.0.113.4/32", "2001:db8::/64"])
+
+
+def test_a_retired_stack_key_says_what_replaced_it():
+    with pytest.raises(SpecError, match="forceDestroyBucket is no longer used: the bucket is kept .* --delete-data"):
+        ClusterSpec.from_stack_config({"gpuforge:forceDestroyBucket": "true"}, name="x")
