@@ -30,7 +30,7 @@ def test_environment_has_torchrun_gpuforge_skypilot_and_dstack_variables():
 
 def test_torchrun_command_uses_static_rendezvous_on_rank0():
     cmd, cwd = node_command(spec(nodes=3), list(NODES), NODES[2], 29500)
-    assert cmd[:3] == ["/opt/gpuforge/venv/bin/python", "-m", "torch.distributed.run"]
+    assert cmd[:3] == ["/opt/gpuforge/venv/bin/python", "-m", "workloads.agent"]  # torchrun without its exit-barrier race
     assert "--nnodes=3" in cmd and "--node-rank=2" in cmd and "--nproc-per-node=8" in cmd
     assert "--master-addr=10.0.0.0" in cmd and "--master-port=29500" in cmd
     assert cmd[cmd.index("-m", 3) + 1] == "workloads.train" and cmd[-4:] == ["--run-id", "r1", "--storage", "s3://bucket"]
