@@ -78,6 +78,9 @@ def validate_spec(cluster: ClusterInfo, spec: RunSpec) -> list[NodeInfo]:
         from workloads.jobs import get_job
 
         cfg = apply_overrides(get_job(spec.job), spec.args)
+        if cfg.framework == "tensorflow" and spec.nproc_per_node > 1:
+            raise ConfigError(f"{spec.job} is a TensorFlow job: one worker per node (MultiWorkerMirroredStrategy "
+                              "uses every GPU of its node); drop --nproc-per-node")
         if cfg.job == "convnet-digits-student" and not cfg.teacher:
             raise ConfigError("convnet-digits-student needs teacher=RUN_ID (a finished convnet-digits run)")
     else:
@@ -90,14 +93,27 @@ def validate_spec(cluster: ClusterInfo, spec: RunSpec) -> list[NodeInfo]:
 
 
 def procs_per_node(spec: RunSpec, node: NodeInfo) -> int:
+    if is_tensorflow_job(spec):
+        return 1
     return spec.nproc_per_node or max(1, node.gpu_count)
+
+
+def is_tensorflow_job(spec: RunSpec) -> bool:
+    """A job whose model trains with TensorFlow (workloads/tf_trainer.py): it needs TF_CONFIG."""
+    if not spec.job:
+        return False
+    from workloads.config import apply_overrides
+    from workloads.jobs import get_job
+
+    return apply_overrides(get_job(spec.job), spec.args).framework == "tensorflow"
 
 
 def run_dir(node: NodeInfo, run_id: str) -> str:
     return f"{node.workdir}/runs/{run_id}"
 
 
-def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: NodeInfo, port: int) -> dict[str, str]:
+def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: NodeInfo, port: int,
+            worker_ports: list[int] | None = None) -> dict[str, str]:
     """The environment of every training process (DESIGN.md), with SkyPilot and dstack aliases."""
     ips = "\n".join(n.private_address for n in nodes)
     nproc = procs_per_node(spec, node)
@@ -116,6 +132,10 @@ def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: No
     if cluster.cloud == "local":  # all nodes share this machine's cores: don't oversubscribe them
         total = sum(procs_per_node(spec, n) for n in nodes)
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // total))
+    if worker_ports:  # a TensorFlow job: MultiWorkerMirroredStrategy finds its peers in TF_CONFIG
+        from workloads.tf_trainer import tf_config
+
+        env["TF_CONFIG"] = tf_config([n.private_address for n in nodes], worker_ports, nodes.index(node))
     env.update(spec.env)
     return env
 
@@ -181,10 +201,30 @@ def check_ready(conn: Any, node: NodeInfo) -> None:
         raise LaunchError(f"node is not set up ({python} is missing); run `fab setup` first")
 
 
+def check_tensorflow(conn: Any, node: NodeInfo) -> None:
+    probe = f"ls -d {shlex.quote(node.workdir)}/venv/lib/python3*/site-packages/tensorflow >/dev/null 2>&1"
+    if not conn.run(probe, hide=True, warn=True).ok:
+        raise LaunchError("the node has no TensorFlow in its environment; run `fab setup --tensorflow` first")
+
+
 def pick_port(conn: Any, node: NodeInfo) -> int:
     probe = f"import socket; s = socket.socket(); s.bind(({node.private_address!r}, 0)); print(s.getsockname()[1])"
     result = conn.run(f"{shlex.quote(node.workdir + '/venv/bin/python')} -c {shlex.quote(probe)}", hide=True)
     return int(result.stdout.strip())
+
+
+def pick_worker_ports(cluster: ClusterInfo, nodes: list[NodeInfo], taken: set[int]) -> list[int]:
+    """A free port per node for TensorFlow's workers, all different (local nodes share one port space)."""
+    ports: list[int] = []
+    for node in nodes:
+        for _ in range(20):
+            port = on_nodes(cluster, [node], pick_port)[0]
+            raise_first([port], [node], "choosing a TensorFlow worker port")
+            if port not in taken:
+                break
+        taken.add(port)
+        ports.append(port)
+    return ports
 
 
 def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path) -> list[NodeInfo]:
@@ -196,8 +236,11 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path) -> list[NodeInfo]
     except LaunchError:
         pass
     raise_first(on_nodes(cluster, nodes, check_ready), nodes, "checking the node")
+    if is_tensorflow_job(spec):
+        raise_first(on_nodes(cluster, nodes, check_tensorflow), nodes, "checking the node")
     port = on_nodes(cluster, nodes[:1], pick_port)[0]
     raise_first([port], nodes[:1], "choosing the master port")
+    worker_ports = pick_worker_ports(cluster, nodes, {port}) if is_tensorflow_job(spec) else None
     archive = script_archive(Path(spec.script)) if spec.script else None
     save_record(home, cluster, spec, nodes, port)
 
@@ -210,7 +253,7 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path) -> list[NodeInfo]
             conn.put(io.BytesIO(archive), f"{directory}/code.tar.gz")
             conn.run(f"tar -xzf {shlex.quote(directory)}/code.tar.gz -C {shlex.quote(cwd)}", hide=True)
         run_spec = {"run_id": spec.run_id, "node": node.name, "node_rank": node.rank, "nnodes": len(nodes),
-                    "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port),
+                    "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port, worker_ports),
                     "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
                     "start_timeout": spec.start_timeout if spec.job else 0}
         conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
