@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[train,cloud,dev]'
 	touch $(STAMP)
 
-# OpenSSH server for the embedded local cluster (each node is a real sshd).
+# OpenSSH server for the embedded local cluster (each node is a real sshd), the OpenSSH client for
+# `gpuforge ssh` and its tunnels, and Debian's Chromium for the test that loads JupyterLab in a browser.
 sysdeps:
-	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
-	  echo "installing openssh-server (the local cluster's nodes are real sshd processes)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq openssh-server >/dev/null; }
+	@missing=""; \
+	{ command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd; } || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 
 demo: $(STAMP) sysdeps
 	$(BIN)/python -m provision.cli.demo

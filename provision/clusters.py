@@ -20,7 +20,11 @@ def create_local(home: Path, name: str, nodes: int) -> ClusterInfo:
         raise InventoryError(f"cluster name {name!r} must be lowercase letters, digits and '-' (max 39)")
     if nodes < 1:
         raise InventoryError(f"--nodes must be >= 1; got {nodes}")
-    return create_local_cluster(name, nodes, home)
+    from infra.ssh_config import write_ssh_config
+
+    cluster = create_local_cluster(name, nodes, home)
+    write_ssh_config(home, cluster)  # `ssh <name>-node-0`, VS Code Remote-SSH (`gpuforge ssh-config`)
+    return cluster
 
 
 def register_hosts(home: Path, path: Path) -> ClusterInfo:
@@ -77,6 +81,9 @@ def destroy(home: Path, ref: str | None, purge: bool = False, yes: bool = False)
 
     console = Console(highlight=False)
     cluster = inventory.resolve(home, ref)
+    from infra.ssh_config import remove_ssh_config
+
+    remove_ssh_config(home, cluster)  # its hosts go away with it, whatever the teardown finds below
     if cluster.cloud == "local":
         from infra.local import destroy_local_cluster
 

@@ -20,8 +20,9 @@ releases or fixes since 2025) and needs a Java runtime; LitServe is maintained, 
 """
 
 import argparse
+import json
 import logging
-import os
+import time
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 
 import litserve as ls
 import numpy as np
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, field_validator
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ DEFAULT_PORT = 8000
 MAX_BATCH = 32  # requests merged into one forward pass
 BATCH_TIMEOUT_MS = 5.0  # the longest a request waits for others to join its batch
 MAX_INPUTS = 1024  # examples in one request; more is a 413 (split it client-side)
+STATS_EVERY_S = 0.2  # the stats file is rewritten at most this often
 CHUNK = 1024  # rows per forward pass; the torch.export program allows batches up to 4096 (workloads/export.py)
 
 EXPECTED_SHAPE: tuple[int, ...] = ()  # set in the API server process before it serves
@@ -72,9 +76,12 @@ class RunModelAPI(ls.LitAPI):
     """The run's model behind LitServe: setup loads it in the inference worker; batch/unbatch
     merge the requests of a batch (each a batch of its own) into one forward pass and split it back."""
 
-    def __init__(self, run_url: str, kind: str, device: str, max_batch: int, batch_timeout_ms: float):
+    def __init__(self, run_url: str, kind: str, device: str, max_batch: int, batch_timeout_ms: float,
+                 stats_file: str = ""):
         super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_ms / 1000.0)
-        self.run_url, self.kind, self.device_choice = run_url, kind, device
+        self.run_url, self.kind, self.device_choice, self.stats_file = run_url, kind, device, stats_file
+        self.stats = {"requests": 0, "inputs": 0, "batches": 0, "largest_batch": 0}
+        self.stats_written = 0.0
 
     def setup(self, device: str) -> None:
         from workloads.serve_model import load_run_model
@@ -91,7 +98,19 @@ class RunModelAPI(ls.LitAPI):
     def predict(self, batched: Any) -> Any:
         x, sizes = batched
         outputs = np.concatenate([self.model.predict(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)])
+        self.count(sizes)
         return outputs, sizes
+
+    def count(self, sizes: list[int]) -> None:
+        """How many requests each forward pass merged (what dynamic batching did), in --stats-file."""
+        st = self.stats
+        st.update(requests=st["requests"] + len(sizes), inputs=st["inputs"] + int(sum(sizes)),
+                  batches=st["batches"] + 1, largest_batch=max(st["largest_batch"], len(sizes)))
+        if self.stats_file and time.monotonic() - self.stats_written > STATS_EVERY_S:
+            self.stats_written = time.monotonic()
+            tmp = Path(self.stats_file + ".tmp")
+            tmp.write_text(json.dumps(st))
+            tmp.replace(self.stats_file)
 
     def unbatch(self, output: Any) -> list:
         outputs, sizes = output
@@ -104,6 +123,15 @@ class RunModelAPI(ls.LitAPI):
         return response
 
 
+async def validation_error(request: Any, exc: RequestValidationError) -> JSONResponse:
+    """422 with what is wrong, one line per problem, without echoing the (possibly large) body back."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "body"
+        problems.append(f"{where}: {str(error.get('msg', '')).removeprefix('Value error, ')}")
+    return JSONResponse(status_code=422, content={"error": "; ".join(problems)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workloads.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-url", required=True, help="the run's storage URL (<storage>/runs/<run id>)")
@@ -113,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="requests merged into one batch")
     p.add_argument("--batch-timeout-ms", type=float, default=BATCH_TIMEOUT_MS, help="wait for a batch to fill")
-    p.add_argument("--pid-file", type=Path, help="write the server's PID here (what `serve --stop` reads)")
+    p.add_argument("--stats-file", default="", help="keep request/batch counts in this JSON file")
+    p.add_argument("--check", action="store_true", help="only say which model file would serve (JSON), or why none")
     return p
 
 
@@ -122,27 +151,36 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from workloads.errors import WorkloadError
-    from workloads.serve_model import KINDS, load_run_model
+    from workloads.serve_model import KINDS, inspect_run, load_run_model, accuracy_of
 
     if args.kind not in KINDS or not 0 < args.port < 65536 or args.max_batch < 1 or args.batch_timeout_ms < 0:
         print(f"error: --kind must be one of {', '.join(KINDS)}, --port 1..65535, --max-batch >= 1, "
               "--batch-timeout-ms >= 0", file=sys.stderr)
         return 2
+    if args.check:
+        try:
+            _, cfg, summary, framework, kind, name = inspect_run(args.run_url, args.kind)
+        except WorkloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"kind": kind, "file": name, "framework": framework, "job": cfg.get("job", ""),
+                          "test_accuracy": accuracy_of(summary, kind)}))
+        return 0
     try:  # load once here: a missing or broken model is one clear line before any port is opened
         probe = load_run_model(args.run_url, kind=args.kind, device=args.device)
     except WorkloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     EXPECTED_SHAPE = probe.input_shape
-    print(f"serving {probe.describe()}", flush=True)
+    described = probe.describe()
+    print(f"serving {described}", flush=True)
     del probe
 
-    if args.pid_file:
-        args.pid_file.write_text(f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    api = RunModelAPI(args.run_url, args.kind, args.device, args.max_batch, args.batch_timeout_ms)
+    api = RunModelAPI(args.run_url, args.kind, args.device, args.max_batch, args.batch_timeout_ms, args.stats_file)
     accelerator = "cpu" if args.device == "cpu" or args.kind == "int8" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=30)
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=30, model_metadata=described)
+    server.app.add_exception_handler(RequestValidationError, validation_error)
     try:
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
     except KeyboardInterrupt:

@@ -92,8 +92,8 @@ def local_copy(store: Any, key: str, folder: Path) -> Path:
     return target
 
 
-def load_run_model(run_url: str, kind: str = "auto", device: str = "auto", cache: Path | None = None) -> RunModel:
-    """Load the run's model of `kind` on `device` (auto: the GPU when there is one, except int8)."""
+def inspect_run(run_url: str, kind: str = "auto") -> tuple[Any, dict[str, Any], dict[str, Any], str, str, str]:
+    """(store, config, summary, framework, kind, file) of a finished run, without loading a framework."""
     from workloads.storage import open_store
 
     store = open_store(run_url)
@@ -101,16 +101,29 @@ def load_run_model(run_url: str, kind: str = "auto", device: str = "auto", cache
     summary = read_run_json(store, "summary.json")
     framework = "tensorflow" if str(cfg.get("model", "")).endswith("_tf") else "torch"
     kind, name = choose_file(kind, framework, set(store.list()), store.url)
+    return store, cfg, summary, framework, kind, name
+
+
+def load_run_model(run_url: str, kind: str = "auto", device: str = "auto", cache: Path | None = None) -> RunModel:
+    """Load the run's model of `kind` on `device` (auto: the GPU when there is one, except int8)."""
+    store, cfg, summary, framework, kind, name = inspect_run(run_url, kind)
     path = local_copy(store, name, cache or Path(tempfile.mkdtemp(prefix="gpuforge-serve-")))
     shape = tuple(summary.get("input_shape") or input_shape_of(cfg))
     model = RunModel(run_id=summary.get("run_id", ""), kind=kind, file=name, framework=framework, input_shape=shape,
-                     job=cfg.get("job", ""), test_accuracy=summary.get("test_accuracy"))
+                     job=cfg.get("job", ""), test_accuracy=accuracy_of(summary, kind))
     if framework == "tensorflow":
         model._fn, model.device = load_keras(path)
     else:
         model._fn, model.device = load_torch(path, kind, device)
     model.predict(zeros((1, *shape)))  # warm-up: the first call pays for lazy initialization
     return model
+
+
+def accuracy_of(summary: dict[str, Any], kind: str) -> float | None:
+    """The accuracy the run measured for this kind (the int8 model's own, from the quantization report)."""
+    if kind == "int8":
+        return (summary.get("quantization") or {}).get("test_accuracy_int8")
+    return summary.get("test_accuracy")
 
 
 def input_shape_of(cfg: dict[str, Any]) -> tuple[int, ...]:

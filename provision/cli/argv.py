@@ -21,9 +21,13 @@ OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 REMAINDER: list[str] = []
 OVERRIDES: list[str] = []
 OVERRIDE_TASKS = ("train",)
-REMAINDER_TASKS = ("exec", "train")
-RUN_TASKS = ("fetch", "status", "logs", "cancel")
-TASK_NAMES = {"up", "down", "use", "clusters", "setup", "train", "status", "logs", "cancel", "fetch", "exec", "bake", "doctor"}
+REMAINDER_TASKS = ("exec", "train", "ssh")
+# A bare word after these tasks is their --run (or, for ssh, --node): `fab fetch RUN`, `fab ssh node-1`.
+WORD_FLAGS = {"fetch": "--run", "status": "--run", "logs": "--run", "cancel": "--run", "tensorboard": "--run",
+              "serve": "--run", "ssh": "--node"}
+RUN_TASKS = tuple(WORD_FLAGS)
+TASK_NAMES = {"up", "down", "use", "clusters", "setup", "train", "status", "logs", "cancel", "fetch", "exec", "bake", "doctor",
+              "ssh", "ssh-config", "forward", "jupyter", "tensorboard", "serve"}
 
 
 def adopt_fab_argv() -> None:
@@ -42,7 +46,7 @@ def adopt_argv(core, argv: list[str]) -> None:
         REMAINDER[:] = argv[argv.index("--") + 1 :]
         core.remainder = ""  # handled by our task, not by Fabric's `fab -H host -- cmd` runner
     if unparsed and unparsed[0] in RUN_TASKS:
-        adopt_run_word(unparsed)
+        adopt_run_word(unparsed, WORD_FLAGS[unparsed[0]])
     if not unparsed or unparsed[0] not in OVERRIDE_TASKS:
         return
     kept = [unparsed[0]]
@@ -54,19 +58,19 @@ def adopt_argv(core, argv: list[str]) -> None:
     unparsed[:] = kept
 
 
-def adopt_run_word(unparsed: list[str]) -> None:
+def adopt_run_word(unparsed: list[str], flag: str = "--run") -> None:
     """`fab fetch RUN` / `fab status RUN`: a bare word after the task is its run id (`--run RUN`)."""
     for i in range(1, len(unparsed)):
         word, before = unparsed[i], unparsed[i - 1]
-        if not word.startswith("-") and before not in VALUE_FLAGS and word not in TASK_NAMES and "--run" not in unparsed:
-            unparsed.insert(i, "--run")
+        if not word.startswith("-") and before not in VALUE_FLAGS and word not in TASK_NAMES and flag not in unparsed:
+            unparsed.insert(i, flag)
             return
 
 
 # train's flags that take a value: a `key=value` right after one of them is that flag's value
 VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r", "--cluster", "-c",
                "--nproc-per-node", "--start-timeout", "--set", "--env", "--storage", "--run", "--node", "--tail",
-               "--dest", "-d", "-t"}
+               "--dest", "-d", "-t", "--port", "-p", "--kind", "-k", "--max-batch", "--local-port", "-l"}
 
 
 def remainder_command() -> str:

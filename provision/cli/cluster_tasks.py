@@ -93,20 +93,27 @@ def clusters(c):
             "instance_type": "with --dry-run and no cluster: the plan for a fresh VM of this type",
             "os": "with --instance-type: ubuntu-22.04 or ubuntu-24.04", "cloud": "with --instance-type: aws or gcp",
             "accelerator": "with --instance-type on GCP n1: e.g. nvidia-tesla-t4:1",
-            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)"})
-def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False):
+            "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)",
+            "tensorflow": "also install TensorFlow (the build for the nodes' CUDA); remembered for later setups"})
+def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False,
+          tensorflow=False):
     """Configure every node: driver, CUDA, NCCL, EFA, Python env, our code, verify (idempotent)."""
     from provision.setup import check_cluster_allreduce, setup_cluster
 
     home = inventory.home_dir()
     with cli.user_errors():
         if instance_type:
-            report.print_type_plan(cloud, instance_type, os, accelerator)
+            report.print_type_plan(cloud, instance_type, os, accelerator, ["tensorflow"] if tensorflow else [])
             return
         chosen = inventory.resolve(home, cluster)
+        from provision.steps.tensorflow import remember_frameworks
+
+        frameworks = remember_frameworks(inventory.cluster_dir(home, chosen.name), ["tensorflow"] if tensorflow else [],
+                                         save=not dry_run)
         started = time.monotonic()
         with report.SetupProgress(chosen) as progress:
-            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event)
+            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event,
+                                    extra_options={"frameworks": frameworks})
         report.print_setup(chosen, reports, dry_run, time.monotonic() - started)
         if any(not r.ok for r in reports):
             raise Exit(code=1)
