@@ -215,6 +215,14 @@ def http_status(url: str, timeout: float = 5.0) -> int:
         return 0
 
 
+def exit_reason(name: str, node: NodeInfo, tail: str) -> str:
+    """Our node programs end with one `error: ...` line; show that alone, else the log's tail."""
+    errors = [line.removeprefix("error: ") for line in tail.splitlines() if line.startswith("error: ")]
+    if errors:
+        return f"{name} on {node.name}: {errors[-1]}"
+    return f"{name} on {node.name} exited while starting; its log:\n{tail.rstrip()}"
+
+
 def wait_ready(conn: Any, node: NodeInfo, svc: Service, tunnel: Tunnel, url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last_alive = 0.0
@@ -224,7 +232,7 @@ def wait_ready(conn: Any, node: NodeInfo, svc: Service, tunnel: Tunnel, url: str
         if time.monotonic() - last_alive > ALIVE_EVERY_S:
             last_alive = time.monotonic()
             if running_record(conn, node, svc.name) is None:
-                raise ServiceError(f"{svc.name} on {node.name} exited while starting:\n{log_tail(conn, node, svc.name)}")
+                raise ServiceError(exit_reason(svc.name, node, log_tail(conn, node, svc.name)))
         if time.monotonic() > deadline:
             raise ServiceError(f"{svc.name} on {node.name} did not answer {svc.ready_path} within {timeout:.0f} s; "
                                f"its log:\n{log_tail(conn, node, svc.name)}")
