@@ -54,16 +54,21 @@ def build_seed_cnn_tf(num_classes: int = 10, head: str = "pool") -> Any:
     import keras
     from keras import layers
 
-    def norm() -> Any:  # Keras' default momentum 0.99 averages ~100 steps: as many as a run of a few epochs has
-        return layers.BatchNormalization(momentum=BN_MOMENTUM)
+    # Keras' default momentum 0.99 averages ~100 steps: as many as a run of a few epochs has. Synchronized:
+    # batch statistics over the global batch, so every worker ends with the same moving statistics (without it
+    # each worker kept its own shard's, and the replicas' weights differed).
+    def norm() -> Any:
+        return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True)
 
-    pool = [layers.MaxPooling2D(2)] if head == "pool" else []
+    def pool() -> list[Any]:  # a new layer each time: a layer used twice in a Sequential does not survive a save
+        return [layers.MaxPooling2D(2)] if head == "pool" else []
+
     end = [layers.Flatten()] if head == "pool" else [layers.GlobalAveragePooling2D()]
     return keras.Sequential([
         keras.Input(INPUT_SHAPE),
         norm(), layers.Activation("relu"),  # the article normalizes its input first
-        layers.Conv2D(64, 3, padding="same"), norm(), layers.Activation("relu"), *pool,
-        layers.Conv2D(128, 3, padding="same"), norm(), layers.Activation("relu"), *pool,
+        layers.Conv2D(64, 3, padding="same"), norm(), layers.Activation("relu"), *pool(),
+        layers.Conv2D(128, 3, padding="same"), norm(), layers.Activation("relu"), *pool(),
         *end,
         layers.Dense(1024, activation="relu"),
         layers.Dense(num_classes, activation="softmax"),
