@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
 MAX_BATCH = 32  # requests merged into one forward pass
-BATCH_TIMEOUT_MS = 5.0  # the longest a request waits for others to join its batch
+BATCH_TIMEOUT_MS = 2.0  # the longest a request waits for others to join its batch (what a lone request pays)
 MAX_INPUTS = 1024  # examples in one request; more is a 413 (split it client-side)
 STATS_EVERY_S = 0.2  # the stats file is rewritten at most this often
 CHUNK = 1024  # rows per forward pass; the torch.export program allows batches up to 4096 (workloads/export.py)
@@ -176,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {described}", flush=True)
     del probe
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `serve --stop`: LitServe's own graceful shutdown
     api = RunModelAPI(args.run_url, args.kind, args.device, args.max_batch, args.batch_timeout_ms, args.stats_file)
     accelerator = "cpu" if args.device == "cpu" or args.kind == "int8" else "auto"
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=30, model_metadata=described)
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=30, model_metadata=described,
+                          fast_queue=True)  # ZeroMQ between the HTTP and model processes: ~4 ms less per request than
+                                            # the default multiprocessing-manager queues (measured here)
     server.app.add_exception_handler(RequestValidationError, validation_error)
     try:
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
