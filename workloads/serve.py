@@ -14,8 +14,8 @@ Concurrent requests are batched: LitServe collects up to --max-batch requests, w
 is checked before it joins a batch (JSON, `inputs` a non-empty list of numbers in the model's
 shape), so a bad one gets its own 4xx and never fails its neighbours.
 
-Why LitServe: TorchServe, which seed article 001 names, is in limited maintenance (no new
-releases or fixes since 2025) and needs a Java runtime; LitServe is maintained, pure Python
+Why LitServe: TorchServe, which seed article 001 names, has been in "Limited Maintenance" since
+early 2025 (no planned updates, fixes or security patches) and needs a Java runtime; LitServe is maintained, pure Python
 (FastAPI + uvicorn), and has the dynamic batching, health route and multi-worker serving built in.
 """
 

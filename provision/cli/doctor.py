@@ -19,6 +19,7 @@ def check_tools() -> list[Check]:
     return [
         ("sshd (local cluster)", bool(sshd), sshd or "sudo apt-get install -y openssh-server"),
         ("ssh-keygen", bool(shutil.which("ssh-keygen")), shutil.which("ssh-keygen") or "sudo apt-get install -y openssh-client"),
+        ("ssh (ssh, forward, jupyter, serve)", bool(shutil.which("ssh")), shutil.which("ssh") or "sudo apt-get install -y openssh-client"),
         ("pulumi CLI (cloud clusters)", bool(pulumi), pulumi or "curl -fsSL https://get.pulumi.com | sh"),
     ]
 
