@@ -7,4 +7,4 @@ from provision.cli.argv import adopt_fab_argv
 from provision.cli.main import namespace
 
 ns = namespace()
-adopt_fab_argv()
+adopt_fab_argv(ns)

@@ -9,7 +9,6 @@ import logging
 import shutil
 import signal
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -138,12 +137,12 @@ def remove_state(state_dir: Path) -> None:
 def image_metadata(spec: BakeSpec, fingerprint: str) -> dict[str, str]:
     """What a baked image says about itself (before the cloud's key/value rules are applied)."""
     from provision.versions import open_kernel_modules, version_set
-    from provision.wheel import project_root
+    from provision.wheel import package_version
 
     gpu_model, _ = spec.gpus
     base = version_set(spec.os_name)
     vs = base.for_torch_build(base.torch_cuda_tag(gpu_model))  # Volta and older get the cu126 stack
-    project = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]
+    project = {"version": package_version()}
     return {
         "baked": "true",
         "os": spec.os_name,

@@ -64,6 +64,16 @@ def via_head(cluster: ClusterInfo, node: NodeInfo) -> bool:
     return node.rank != 0 and node.name in (cluster.extra or {}).get("proxy_jump", ())
 
 
+def auth_kwargs(node: NodeInfo, timeout: float) -> dict:
+    """The node's key when it names one; otherwise the SSH agent and ~/.ssh/id_* keys, as `ssh` would try
+    (no `key_filename` at all: Fabric chokes on None)."""
+    kwargs = {"banner_timeout": timeout, "auth_timeout": timeout}
+    if node.key_path:
+        return {**kwargs, "key_filename": [str(Path(node.key_path).expanduser())], "allow_agent": False,
+                "look_for_keys": False}
+    return {**kwargs, "allow_agent": True, "look_for_keys": True}
+
+
 def connect(cluster: ClusterInfo, node: NodeInfo, timeout: float = CONNECT_TIMEOUT_S) -> Connection:
     """An opened Fabric connection to a node, host key checked against the cluster's pins (and the
     hop's, for a node reached through node 0)."""
@@ -73,9 +83,7 @@ def connect(cluster: ClusterInfo, node: NodeInfo, timeout: float = CONNECT_TIMEO
         host=node.public_address, port=node.ssh_port, user=node.user,
         connect_timeout=timeout,
         config=Config(overrides={"run": {"in_stream": False}}),  # never forward our stdin to nodes
-        connect_kwargs={"key_filename": [str(Path(node.key_path).expanduser())] if node.key_path else None,
-                        "allow_agent": not node.key_path, "look_for_keys": not node.key_path,
-                        "banner_timeout": timeout, "auth_timeout": timeout},
+        connect_kwargs=auth_kwargs(node, timeout),
     )
     path = known_hosts_path(cluster)
     client = conn.client

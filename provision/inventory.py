@@ -77,15 +77,13 @@ def resolve(home: Path, ref: str | None = None) -> ClusterInfo:
     if ref is None:
         ref = current_name(home)
         if ref is None:
-            raise InventoryError("no cluster selected: create one with `fab up`, pick one with `fab use NAME`, "
+            known = ", ".join(known_clusters(home))
+            there = f"known clusters: {known}; pick one with `gpuforge use NAME`" if known else "there are none yet"
+            raise InventoryError(f"no cluster selected ({there}): create one with `gpuforge up`, "
                                  "or pass --cluster NAME|HOSTS.yaml|pulumi:STACK")
-    if ref.startswith("pulumi:"):
-        return register(home, cluster_from_stack(ref.removeprefix("pulumi:")))
-    path = Path(ref).expanduser()
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return register(home, load_hosts_file(path))
-    if path.suffix == ".json" and path.is_file():
-        return register(home, load_cluster_json(path))
+    source = cluster_from_source(ref)
+    if source is not None:
+        return attach(home, source)
     record = cluster_dir(home, ref) / "cluster.json"
     if record.exists():
         try:
@@ -94,6 +92,38 @@ def resolve(home: Path, ref: str | None = None) -> ClusterInfo:
             raise InventoryError(f"cluster {ref}: {exc}") from exc
     known = ", ".join(known_clusters(home)) or "none yet"
     raise InventoryError(f"unknown cluster {ref!r}; known clusters: {known} (or give a hosts .yaml, a stack output .json, or pulumi:STACK)")
+
+
+def cluster_from_source(ref: str) -> ClusterInfo | None:
+    """The cluster a file or stack reference describes, or None when `ref` is a name."""
+    if ref.startswith("pulumi:"):
+        return cluster_from_stack(ref.removeprefix("pulumi:"))
+    path = Path(ref).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return load_hosts_file(path)
+    if path.suffix == ".json" and path.is_file():
+        return load_cluster_json(path)
+    return None
+
+
+def attach(home: Path, cluster: ClusterInfo) -> ClusterInfo:
+    """A cluster used for this call only (`--cluster hosts.yaml`): its state (pinned host keys, runs) lives
+    in its folder, but it is not registered (`fab clusters` does not list it) unless `up --hosts` or `use`
+    registers it. A registered cluster of the same name from another source is never overwritten."""
+    from dataclasses import replace
+
+    folder = cluster_dir(home, cluster.name)
+    record = folder / "cluster.json"
+    if record.exists():
+        try:
+            known = ClusterInfo.load(record)
+        except ClusterError:
+            known = None
+        if known is not None and (known.cloud, known.extra.get("hosts_file")) != (cluster.cloud, cluster.extra.get("hosts_file")):
+            raise InventoryError(f"cluster {cluster.name} already exists ({known.cloud}); give the file another `name:`")
+    folder.mkdir(parents=True, exist_ok=True)
+    return replace(cluster, state_dir=cluster.state_dir or str(folder),
+                   known_hosts=cluster.known_hosts or str(folder / "known_hosts"))
 
 
 def load_cluster_json(path: Path) -> ClusterInfo:
@@ -158,6 +188,17 @@ def load_hosts_file(path: Path) -> ClusterInfo:
     if not NAME.match(name):
         raise InventoryError(f"{path}: cluster name {name!r} must be lowercase letters, digits and '-' (max 39)")
     nodes = [host_node(path, i, h, data) for i, h in enumerate(data["hosts"])]
+    seen: dict[tuple[str, int], int] = {}
+    for i, node in enumerate(nodes):
+        where = seen.setdefault((node.public_address, node.ssh_port), i)
+        if where != i:
+            raise InventoryError(f"{path}: hosts[{i}] is {node.public_address}:{node.ssh_port}, the same machine as "
+                                 f"hosts[{where}]; each host once (use `gpus:` for a machine's GPUs)")
+    node_names = [n.name for n in nodes]
+    for i, node_name in enumerate(node_names):
+        if node_names.index(node_name) != i:
+            raise InventoryError(f"{path}: hosts[{i}] has the name {node_name!r} of hosts[{node_names.index(node_name)}]; "
+                                 "names must differ")
     storage = str(data.get("storage") or "")
     if storage and not re.match(r"^(file|s3|gs)://", storage):
         raise InventoryError(f"{path}: storage {storage!r} must be a file://, s3:// or gs:// URL")

@@ -35,6 +35,10 @@ class NodeStatus:
     ended: float | None = None
     secondary: bool = False
     """Failed only because a peer went away (gloo/NCCL lost the connection)."""
+    failed_rank: int | None = None
+    """The global rank whose failure torchrun reported first, when it did."""
+    error: str = ""
+    """That rank's error: its error file, the last traceback of the log, or our trainer's `error:` line."""
 
 
 @dataclass
@@ -71,11 +75,19 @@ def runs_dir(home: Path, cluster: ClusterInfo) -> Path:
     return Path(home).expanduser() / "clusters" / cluster.name / "runs"
 
 
-def save_record(home: Path, cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], port: int) -> None:
+def save_record(home: Path, cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], port: int, attempt: int = 1) -> None:
+    """The run as the controller remembers it: the spec (secret names only, never values), nodes, port, attempt."""
     path = runs_dir(home, cluster) / f"{spec.run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"spec": asdict(spec), "nodes": [n.name for n in nodes], "master_port": port,
-                                "started": time.time()}, indent=2))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"spec": asdict(spec), "nodes": [n.name for n in nodes], "master_port": port,
+                               "started": time.time(), "attempt": attempt}, indent=2))
+    tmp.replace(path)
+
+
+def find_record(home: Path, cluster: ClusterInfo, run_id: str) -> dict[str, Any] | None:
+    path = runs_dir(home, cluster) / f"{run_id}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def load_record(home: Path, cluster: ClusterInfo, run_id: str | None) -> dict[str, Any]:

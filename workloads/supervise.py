@@ -2,9 +2,12 @@
 
     python -m workloads.supervise --run-dir /opt/gpuforge/runs/<run id>
 
-It reads `run.json`, starts the command (torchrun) in its own process group with the run's
+It reads `run.json`, takes the run's secrets (the 0600 file is deleted once read), starts the
+command (torchrun, or the task's `run:` shell command) in its own process group with the run's
 environment, and keeps `status.json` current: starting, running, then succeeded / failed /
-cancelled / stopped, with exit code, reason and the log tail. It is the fail-fast half that lives
+cancelled / stopped, with the failed rank's own exit code, its error and the log tail. Output goes
+to `output.log`, with secret values masked. A task's `outputs:` folder is synced to the run's
+storage every few minutes and at the end, before the final state is written. It is the fail-fast half that lives
 on the nodes: it publishes its status to the run's storage (`<run>/nodes/<node>.json`) and stops
 its own ranks when a peer has failed or gone silent, and it fails the run when no training step
 happens within the start timeout (a hung rendezvous). SIGTERM cancels the run on this node.
@@ -15,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+from workloads.failures import explain_failure
+from workloads.outputs import OutputSync, outputs_key
+from workloads.secretfile import Redactor, take_secrets
 
 POLL_S = 0.5
 HEARTBEAT_S = 10.0  # how often a running node re-publishes its status to the run's storage
@@ -28,10 +35,7 @@ PEER_SILENCE_S = 120.0  # a running peer silent this long is presumed dead (mach
 KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL for the run's process group
 TAIL_LINES = 20
 TERMINAL = ("succeeded", "failed", "cancelled", "stopped")
-# A rank that failed because a peer vanished says so in its error (gloo, NCCL); such a node is not the culprit.
-PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "ncclRemoteError",
-             "NCCL communicator was aborted", "Socket Timeout", "Broken pipe")
-WORKER_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+FAILURE_LOG_BYTES = 65536  # how much of the log's end is read to explain a failure
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -40,31 +44,14 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
+def tail(path: Path, lines: int = TAIL_LINES, size: int = 16384) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
+            f.seek(max(0, f.tell() - size))
             return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def classify_failure(code: int, log_tail: str) -> tuple[str, bool]:
-    """A reason a user can act on, and whether the node only failed because a peer went away.
-
-    torchrun reports the worker's own exit code in its "Root Cause" block; our trainer prints
-    one `error: ...` line; gloo and NCCL name a lost connection."""
-    reason = f"exit code {code}" + (f" (signal {-code})" if code < 0 else "")
-    worker = WORKER_EXIT.findall(log_tail)
-    if worker and int(worker[-1]) < 0:
-        sig = -int(worker[-1])
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return f"a rank was killed by signal {sig} ({name})", False
-    errors = [line for line in log_tail.splitlines() if line.startswith("error: ")]
-    if errors:
-        reason += f": {errors[-1].removeprefix('error: ')[:300]}"
-    return reason, any(marker in log_tail for marker in PEER_LOSS)
 
 
 def load_env_file(path: str) -> dict[str, str]:
@@ -91,11 +78,33 @@ class Supervisor:
         self.dir = run_dir
         self.spec = json.loads((run_dir / "run.json").read_text())
         self.status: dict = {"node": self.spec["node"], "rank": self.spec["node_rank"], "state": "starting",
-                             "supervisor_pid": os.getpid(), "started": time.time()}
+                             "supervisor_pid": os.getpid(), "started": time.time(),
+                             "attempt": self.spec.get("attempt", 1)}
         self.proc: subprocess.Popen | None = None
         self.peers_store = self._peers_store()
         self.last_publish = 0.0
         self.cancel_requested = False
+        self.secrets = take_secrets(self.spec.get("secrets_file"))
+        self.pump: threading.Thread | None = None
+        self.outputs = self._outputs()
+        self.last_outputs_sync = time.time()
+
+    def _outputs(self) -> OutputSync | None:
+        outputs, url = self.spec.get("outputs"), self.spec.get("storage_url")
+        if not outputs or not url:
+            return None
+        from workloads.storage import open_store
+
+        store = open_store(url).child("runs", self.spec["run_id"], outputs_key(self.spec["node_rank"]))
+        cwd = Path(self.spec.get("cwd") or self.dir)
+        return OutputSync(cwd / outputs["path"], store, log=self.log)
+
+    def sync_outputs(self) -> None:
+        if self.outputs is not None:
+            sent = self.outputs.sync()
+            if sent:
+                self.log(f"outputs: synced {sent} file(s)")
+        self.last_outputs_sync = time.time()
 
     def _peers_store(self):
         url = self.spec.get("storage_url")
@@ -123,12 +132,25 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001
                 self.log(f"cannot publish status: {exc}")
 
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, **load_env_file(self.spec.get("env_file", "")), **self.spec["env"], **self.secrets}
+        venv = self.spec.get("venv")
+        if venv:  # `python`, `pip`, `torchrun`, `accelerate` are the node venv's
+            env["PATH"] = f"{venv}/bin:{env.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}"
+            env["VIRTUAL_ENV"] = venv
+        return env
+
     def start(self) -> None:
-        env = {**os.environ, **load_env_file(self.spec.get("env_file", "")), **self.spec["env"]}
         out = open(self.dir / "output.log", "ab")
-        self.proc = subprocess.Popen(self.spec["command"], cwd=self.spec.get("cwd") or str(self.dir), env=env,
-                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        out.close()
+        stdout = subprocess.PIPE if self.secrets else out
+        self.proc = subprocess.Popen(self.spec["command"], cwd=self.spec.get("cwd") or str(self.dir), env=self.environment(),
+                                     stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.secrets:  # every byte passes the redactor before it reaches the log
+            self.pump = threading.Thread(target=pump_redacted, args=(self.proc.stdout, out, Redactor(self.secrets.values())),
+                                         daemon=True)
+            self.pump.start()
+        else:
+            out.close()
         self.status.update(state="running", pid=self.proc.pid, pgid=self.proc.pid)
         self.save()
         self.log(f"started pid {self.proc.pid}: {' '.join(self.spec['command'])}")
@@ -147,14 +169,21 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 continue
 
-    def finish(self, state: str, reason: str, code: int | None) -> None:
+    def finish(self, state: str, reason: str, code: int | None, **extra) -> None:
         self.kill_group()
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group (worker grandchildren)
             except ProcessLookupError:
                 pass
-        self.status.update(state=state, reason=reason, exit_code=code, ended=time.time(), tail=tail(self.dir / "output.log"))
+        if self.pump is not None:
+            self.pump.join(timeout=10)
+        try:
+            self.sync_outputs()  # before the final state: whoever sees "succeeded" can fetch the outputs
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"outputs: final sync failed: {exc}")
+        self.status.update(state=state, reason=reason, exit_code=code, ended=time.time(),
+                           tail=tail(self.dir / "output.log"), **extra)
         self.save()
         self.log(f"{state}: {reason}")
 
@@ -173,6 +202,8 @@ class Supervisor:
                 peer = json.loads(self.peers_store.read_bytes(key))
             except Exception:  # noqa: BLE001
                 continue
+            if peer.get("attempt", 1) != self.status["attempt"]:
+                continue  # an earlier attempt of a resumed run
             if peer.get("state") in ("failed", "stopped", "cancelled"):
                 return f"{peer.get('node')} {peer['state']}: {peer.get('reason', '')}"
             if peer.get("state") == "running" and now - peer.get("updated", now) > PEER_SILENCE_S:
@@ -193,9 +224,11 @@ class Supervisor:
                 if code == 0:
                     self.finish("succeeded", "exit code 0", 0)
                     return 0
-                reason, secondary = classify_failure(code, tail(self.dir / "output.log", 200))
-                self.status["secondary"] = secondary
-                self.finish("failed", reason, code)
+                if self.pump is not None:
+                    self.pump.join(timeout=10)
+                failure = explain_failure(code, tail(self.dir / "output.log", 100000, FAILURE_LOG_BYTES))
+                self.finish("failed", failure.reason, failure.exit_code, secondary=failure.secondary,
+                            failed_rank=failure.rank, error=failure.error)
                 return 1
             if start_timeout and not (self.dir / "progress.json").exists() and time.time() - self.status["started"] > start_timeout:
                 self.finish("failed", f"no training step within {start_timeout:.0f} s (rendezvous hung? a peer missing?)", None)
@@ -208,7 +241,20 @@ class Supervisor:
                     return 1
                 if time.time() - self.last_publish > HEARTBEAT_S:
                     self.save()
+            if self.outputs is not None and time.time() - self.last_outputs_sync > float(self.spec["outputs"]["every"]):
+                self.sync_outputs()
             time.sleep(POLL_S)
+
+
+def pump_redacted(source, out, redactor: Redactor) -> None:
+    """Copy the run's output to the log with secret values masked, as it comes."""
+    try:
+        for chunk in iter(lambda: source.read1(65536), b""):
+            out.write(redactor.feed(chunk))
+            out.flush()
+        out.write(redactor.flush())
+    finally:
+        out.close()
 
 
 def main(argv: list[str] | None = None) -> int:

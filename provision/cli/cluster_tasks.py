@@ -53,6 +53,8 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
         elif not cloud or cloud == "local":
             cluster = create_local(home, name or "local", count or 2)
         else:
+            if not instance_type:
+                raise Exit(f"error: {cli.type_choices(cloud)}", code=2)
             cluster = create_cloud_cluster(home, cloud=cloud, name=name, nodes=count or 1, instance_type=instance_type,
                                            accelerator=accelerator, region=region, zone=zone, spot=spot, disk_gb=disk_gb,
                                            os_name=os, ssh_cidrs=ssh_cidr or [], project=project, yes=yes)
@@ -76,7 +78,8 @@ def use(c, cluster):
     """Select the cluster later commands use."""
     home = inventory.home_dir()
     with cli.user_errors():
-        chosen = inventory.resolve(home, cluster)
+        source = inventory.cluster_from_source(cluster)  # a hosts file or stack: remembered from now on
+        chosen = inventory.register(home, inventory.attach(home, source)) if source else inventory.resolve(home, cluster)
         inventory.select(home, chosen.name)
         cli.console().print(f"selected cluster [bold]{chosen.name}[/] ({chosen.cloud}, {len(chosen.nodes)} nodes)")
 
@@ -153,5 +156,5 @@ def doctor(c, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
-        if not report.print_checks(run_checks(home, cluster)):
+        if not report.print_checks(*run_checks(home, cluster)):
             raise Exit(code=1)

@@ -16,7 +16,8 @@ from invoke import Collection, Program
 
 from provision.cli import argv
 
-MODULES = ("provision.cli.cluster_tasks", "provision.cli.run_tasks", "provision.cli.dev_tasks")
+MODULES = ("provision.cli.cluster_tasks", "provision.cli.run_tasks", "provision.cli.task_tasks",
+           "provision.cli.dev_tasks")
 
 
 def namespace() -> Collection:
@@ -35,7 +36,7 @@ class GpuforgeProgram(Program):
     """Invoke's Program, plus our argv conveniences before the task words are parsed."""
 
     def parse_tasks(self) -> None:
-        argv.adopt_argv(self.core, self.argv[1:])
+        argv.adopt_argv(self.core, self.argv[1:], self.collection)
         super().parse_tasks()
 
 
@@ -50,6 +51,9 @@ def program() -> GpuforgeProgram:
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `gpuforge train --list | head` ends quietly, as a shell tool does
     program().run(sys.argv)
 
 

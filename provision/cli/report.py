@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from infra.cluster import ClusterInfo
@@ -19,7 +20,7 @@ STYLE = {CHANGED: "green", UNCHANGED: "dim", SKIPPED: "yellow", FAILED: "bold re
 
 
 def console() -> Console:
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def print_cluster(cluster: ClusterInfo) -> None:
@@ -146,7 +147,7 @@ def print_runs(records: list[dict[str, Any]]) -> None:
         table.add_column(col)
     for r in records:
         spec = r["spec"]
-        what = spec["job"] or spec["script"]
+        what = spec.get("task") or spec["job"] or spec["script"] or spec.get("command", "")[:40]
         table.add_row(spec["run_id"], what, str(len(r["nodes"])), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])))
     console().print(table)
 
@@ -159,19 +160,19 @@ def print_status(status: Any) -> None:
         step = f"{n.step}/{n.total_steps}" if n.step is not None else "-"
         loss = f"{n.loss:.4f}" if isinstance(n.loss, (int, float)) else "-"
         table.add_row(n.node, f"[{STYLE.get(n.state, 'white')}]{n.state}[/]", step, loss,
-                      "-" if n.exit_code is None else str(n.exit_code), n.reason if n.state != "running" else "")
+                      "-" if n.exit_code is None else str(n.exit_code), escape(n.reason) if n.state != "running" else "")
     console().print(table)
 
 
 def print_run_end(cluster: ClusterInfo, status: Any) -> None:
     out = console()
     if status.state == "succeeded":
-        out.print(f"run {status.run_id} [green]succeeded[/] on {len(status.nodes)} node(s); `fab fetch {status.run_id}`")
+        out.print(f"run {status.run_id} [green]succeeded[/] on {len(status.nodes)} node(s); `gpuforge fetch {status.run_id}`")
         return
     culprit = status.culprit
     if culprit is not None:
         node = cluster.node(culprit.node)
-        out.print(f"run {status.run_id} [bold red]failed[/]: {culprit.node} ({node.address}) {culprit.reason}")
+        out.print(f"run {status.run_id} [bold red]failed[/] on {culprit.node} ({node.address}): {escape(culprit.reason)}")
         if culprit.tail:
             out.print(culprit.tail, markup=False)
     else:
@@ -181,7 +182,10 @@ def print_run_end(cluster: ClusterInfo, status: Any) -> None:
 def print_fetched(files: list[Path]) -> None:
     out = console()
     summary = next((f for f in files if f.name == "summary.json"), None)
-    out.print(f"fetched {len(files)} file(s) to {files[0].parent if files else '-'}")
+    import os
+
+    root = os.path.commonpath([str(f) for f in files]) if len(files) > 1 else (str(files[0].parent) if files else "-")
+    out.print(f"fetched {len(files)} file(s) to {root}")
     if summary is not None:
         import json
 
@@ -219,11 +223,15 @@ def print_bake(result: Any) -> None:
         out.print(f"[yellow]warning:[/] {warning}")
 
 
-def print_checks(checks: list[tuple[str, bool, str]]) -> bool:
+def print_checks(checks: list[Any], verdict: str) -> bool:
+    """The doctor's table (checks the cluster does not need are marked so) and its one-line verdict; all needed ok?"""
     table = Table(title="gpuforge doctor")
     for col in ("check", "ok", "detail"):
         table.add_column(col)
-    for name, ok, detail in checks:
-        table.add_row(name, "[green]ok[/]" if ok else "[bold red]no[/]", detail)
-    console().print(table)
-    return all(ok for _, ok, _ in checks)
+    for check in checks:
+        mark = "[green]ok[/]" if check.ok else ("[bold red]no[/]" if check.needed else "[yellow]no[/] (not needed)")
+        table.add_row(check.name, mark, escape(check.detail))
+    out = console()
+    out.print(table)
+    out.print(verdict, markup=False)
+    return all(c.ok for c in checks if c.needed)

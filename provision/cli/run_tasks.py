@@ -1,4 +1,4 @@
-"""The run tasks: train, status, logs, cancel, fetch, exec (the cluster tasks are in cluster_tasks.py)."""
+"""The run tasks: train, status, logs, cancel, fetch, exec (cluster tasks: cluster_tasks.py; launch: task_tasks.py)."""
 
 from __future__ import annotations
 
@@ -13,44 +13,97 @@ from provision.cli import argv as cli
 from provision.cli import report
 from provision.cli.cluster_tasks import CLUSTER_HELP
 
+ENV_HELP = "NAME=VALUE for the run's environment (repeatable); NAME alone takes $NAME from here"
 
-@task(help={"job": "a job from `python -m workloads.train --list`", "script": "your own training script",
+
+@task(help={"job": "a job from `gpuforge train --list`", "script": "your own training script (its folder is shipped)",
             "nodes": "nodes to use (default: all)", "nproc_per_node": "processes per node (default: GPUs, or 1)",
-            "run_id": "run id (default: <job>-<time>); reusing one resumes that run", "follow": "stream rank 0's output until the run ends",
+            "run_id": "run id (default: <job>-<time>)",
+            "resume": "start the ended run --run-id again: a job continues from its newest complete checkpoint",
+            "follow": "stream rank 0's output until the run ends; exit with the failed rank's exit code",
             "set": "key=value override (repeatable; bare key=value words work too)", "cluster": CLUSTER_HELP,
-            "start_timeout": "seconds until the first training step before the run is failed"},
-      iterable=["set"])
+            "env": ENV_HELP, "list": "list the jobs", "max_ship_mb": "refuse to ship a script folder bigger than this (default 100)",
+            "start_timeout": "seconds until the first training step before the run is failed (jobs)"},
+      iterable=["set", "env"])
 def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=False, set=None, cluster=None,
-          start_timeout=900.0):
-    """Start a job (or your script) with torchrun on the cluster's nodes."""
-    from workloads.launch import RunSpec, start_run
+          start_timeout=900.0, resume=False, env=None, list=False, max_ship_mb=0.0):
+    """Start a job (or your script) with torchrun on the cluster's nodes: train --job NAME | --script FILE -- ARGS."""
+    from workloads.launch import RunSpec, resume_spec, start_run
+    from workloads.task import parse_env_overrides
 
+    if list:
+        from workloads.jobs import describe_jobs
+
+        for name, doc in describe_jobs():
+            print(f"{name:24} {doc}")
+        return
     home = inventory.home_dir()
     with cli.user_errors():
+        if script and cli.OVERRIDES:
+            raise Exit(f"error: {' '.join(cli.OVERRIDES)}: words after --script go to your script only after `--`: "
+                       f"gpuforge train --script {script} -- {' '.join(cli.OVERRIDES)}", code=2)
+        if resume and not run_id:
+            raise Exit("error: --resume needs the --run-id of the run to continue", code=2)
+        cli.at_least("--nproc-per-node", nproc_per_node, 0)
+        cli.at_least("--start-timeout", start_timeout, 1)
+        envs = parse_env_overrides(env or [])
         chosen = inventory.resolve(home, cluster)
-        args = [*(set or []), *cli.OVERRIDES] if job else list(cli.REMAINDER)
-        spec = RunSpec(job=job, script=script, args=args, nodes=cli.parse_nodes(nodes), nproc_per_node=nproc_per_node,
-                       run_id=run_id, storage_url=chosen.storage_url, start_timeout=float(start_timeout))
+        if resume and not (job or script):
+            spec = resume_spec(home, chosen, run_id)
+            spec.env.update(envs)
+        else:
+            spec = script_spec(chosen, script, nodes, nproc_per_node, run_id, envs, float(max_ship_mb)) if script else \
+                RunSpec(job=job, args=[*(set or []), *cli.OVERRIDES], nodes=cli.parse_nodes(nodes),
+                        nproc_per_node=nproc_per_node, run_id=run_id, storage_url=chosen.storage_url,
+                        start_timeout=float(start_timeout), env=envs)
+            spec.resume = resume
         used = start_run(chosen, spec, home)
-        cli.console().print(f"started run [bold]{spec.run_id}[/] on {len(used)} node(s): "
-                            f"{', '.join(n.name for n in used)}; `fab logs`, `fab status`, `fab cancel`")
+        verb = "resumed" if resume else "started"
+        cli.console().print(f"{verb} run [bold]{spec.run_id}[/] on {len(used)} node(s): "
+                            f"{', '.join(n.name for n in used)}; `gpuforge logs`, `gpuforge status`, `gpuforge cancel`")
         if follow:
             code = follow_and_report(chosen, home, spec.run_id)
             if code:
                 raise Exit(code=code)
 
 
+def script_spec(cluster, script: str, nodes: str, nproc_per_node: int, run_id: str, envs: dict, limit_mb: float):
+    """`train --script FILE -- ARGS`: the short form of a task with only a script (its folder shipped safely)."""
+    from workloads.ship import DEFAULT_LIMIT_MB, collect_workdir
+    from workloads.launch import RunSpec
+    from workloads.task import script_task
+
+    count = cli.parse_nodes(nodes) or len(cluster.nodes)
+    task, workdir = script_task(script, list(cli.REMAINDER), count, nproc_per_node, envs)
+    bundle = collect_workdir(workdir, limit_mb or DEFAULT_LIMIT_MB)
+    cli.console().print(bundle.describe())
+    return RunSpec(script=task.script, args=list(task.args), workdir=str(workdir), nodes=count,
+                   nproc_per_node=nproc_per_node, run_id=run_id, storage_url=cluster.storage_url, env=envs,
+                   ship_limit_mb=limit_mb)
+
+
 def follow_and_report(cluster, home, run_id) -> int:
+    """Follow the run to its end; the exit status to give: 0, or the failed rank's own exit code."""
     from workloads.launch import follow_run
 
     status = follow_run(cluster, home, run_id, out=lambda text: print(text, flush=True))
     report.print_run_end(cluster, status)
-    return 0 if status.state == "succeeded" else 1
+    return exit_status(status)
+
+
+def exit_status(status) -> int:
+    if status.state == "succeeded":
+        return 0
+    culprit = status.culprit
+    code = culprit.exit_code if culprit is not None else None
+    if code is None or code == 0:
+        return 1
+    return 128 - code if code < 0 else code
 
 
 @task(help={"run": "run id (default: the newest)", "cluster": CLUSTER_HELP})
 def status(c, run=None, cluster=None):
-    """Show a run's state per node: alive, finished or failed, last step and loss."""
+    """Show a run's state per node: alive, finished or failed (which rank, exit code, error), last step and loss."""
     from workloads.launch import run_status
     from workloads.runs import list_runs
 
@@ -61,6 +114,8 @@ def status(c, run=None, cluster=None):
         if run is None:
             report.print_runs(list_runs(home, chosen))
         report.print_status(status)
+        if status.state == "failed":
+            report.print_run_end(chosen, status)
 
 
 @task(help={"run": "run id (default: the newest)", "node": "one node (rank or name)", "tail": "last N lines only",
@@ -71,6 +126,7 @@ def logs(c, run=None, node=None, tail=0, follow=False, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
+        cli.at_least("--tail", tail, 0)
         chosen = inventory.resolve(home, cluster)
         if follow:
             code = follow_and_report(chosen, home, run)
@@ -84,9 +140,9 @@ def logs(c, run=None, node=None, tail=0, follow=False, cluster=None):
             sys.stdout.write(text)
 
 
-@task(help={"run": "run id (default: the newest)", "cluster": CLUSTER_HELP})
+@task(help={"run": "run id (default: every running run)", "cluster": CLUSTER_HELP})
 def cancel(c, run=None, cluster=None):
-    """Stop a run's processes on every node."""
+    """Stop a run's processes on every node (without a run id: every run that is running)."""
     from workloads.launch import cancel_run
 
     home = inventory.home_dir()
@@ -99,7 +155,7 @@ def cancel(c, run=None, cluster=None):
 @task(help={"run": "run id (default: the newest)", "dest": "where to copy (default ./runs)",
             "checkpoints": "also copy step-N checkpoints", "cluster": CLUSTER_HELP})
 def fetch(c, run=None, dest="runs", checkpoints=False, cluster=None):
-    """Copy a run's summary, metrics and model from storage to this machine."""
+    """Copy a run's summary, metrics, model and outputs from storage to this machine."""
     from workloads.launch import fetch_run
 
     home = inventory.home_dir()
@@ -111,17 +167,15 @@ def fetch(c, run=None, dest="runs", checkpoints=False, cluster=None):
 
 @task(name="exec", help={"cluster": CLUSTER_HELP})
 def exec_(c, cluster=None):
-    """Run a command on every node: fab exec -- CMD (output prefixed by node)."""
+    """Run a command on every node, in the node's Python environment: exec -- CMD (output prefixed by node)."""
     from workloads.launch import exec_on_nodes
 
     home = inventory.home_dir()
     with cli.user_errors():
         command = cli.remainder_command()
         if not command:
-            raise Exit("error: give the command after --, e.g. fab exec -- nvidia-smi", code=2)
+            raise Exit("error: give the command after --, e.g. gpuforge exec -- nvidia-smi", code=2)
         chosen = inventory.resolve(home, cluster)
         failed = report.print_exec(exec_on_nodes(chosen, command))
         if failed:
             raise Exit(code=1)
-
-

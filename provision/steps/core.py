@@ -57,11 +57,13 @@ class PythonEnvStep(Step):
         venv, py = q(ctx.venv), q(ctx.python)
         if ctx.is_local:
             site = PurePosixPath(ctx.venv) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-            # Local nodes share the controller's packages (torch is not installed twice): a .pth line.
+            # Local nodes share the controller's packages (torch is not installed twice): a .pth line,
+            # after the venv's own site-packages, so what a task's setup pip-installs there wins.
             return [
                 Cmd(f"{q(ctx.options['controller_python'])} -m venv --without-pip {venv}", desc="venv"),
                 Cmd(f"echo {q(ctx.options['controller_site'])} > {q(str(site / 'gpuforge-controller.pth'))}",
                     desc="controller site-packages on the node's path"),
+                Cmd(local_pip_command(ctx.venv), desc="pip and pip3 that install into the node venv"),
             ]
         torch_spec, index = self.expected_torch(ctx)
         index_arg = f" --index-url {q(index)}" if index else ""
@@ -79,7 +81,8 @@ class PythonEnvStep(Step):
         """The venv's python runs, and torch is the expected release: read from the installed
         distribution's folder name (no interpreter start, which would cost ~60 ms per node)."""
         if ctx.is_local:
-            probe = f"test -x {q(ctx.python)} && cat {q(ctx.venv)}/lib/python3*/site-packages/gpuforge-controller.pth"
+            probe = (f"test -x {q(ctx.python)} && test -x {q(ctx.venv)}/bin/pip && "
+                     f"cat {q(ctx.venv)}/lib/python3*/site-packages/gpuforge-controller.pth")
             result = conn.run(probe, hide=True, warn=True)
             return result.ok and result.stdout.strip() == ctx.options["controller_site"]
         probe = f"test -x {q(ctx.python)} && ls -d {q(ctx.venv)}/lib/python3*/site-packages/torch-*.dist-info"
@@ -87,6 +90,17 @@ class PythonEnvStep(Step):
         found = result.stdout.strip().rsplit("/torch-", 1)[-1].removesuffix(".dist-info") if result.ok else ""
         want = self.expected_torch(ctx)[0].split("==")[-1]
         return bool(found) and found.split("+")[0] == want.split("+")[0]
+
+
+# The borrowed pip (the controller's, on the node's path) run by the node venv's python installs into
+# the node venv: pip installs into sys.prefix, and leaves packages outside it alone.
+PIP_SCRIPT = "#!{python}\nimport sys\nfrom pip._internal.cli.main import main\nsys.exit(main())\n"
+
+
+def local_pip_command(venv: str) -> str:
+    script = PIP_SCRIPT.format(python=f"{venv}/bin/python")
+    return " && ".join(f"printf %s {q(script)} > {q(venv)}/bin/{name} && chmod 755 {q(venv)}/bin/{name}"
+                       for name in ("pip", "pip3"))
 
 
 class WorkloadStep(Step):

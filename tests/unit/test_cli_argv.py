@@ -55,3 +55,50 @@ def test_fabrics_own_host_remainder_is_left_alone(monkeypatch, program):
 def test_a_bare_run_id_after_fetch_status_logs_cancel(monkeypatch, program, words, expected):
     adopt(monkeypatch, program, words, list(words))
     assert program.unparsed == expected
+
+
+def collection():
+    from provision.cli.main import namespace
+
+    return namespace()
+
+
+def adopt_with(monkeypatch, program, words, remainder=""):
+    monkeypatch.setattr(sys, "argv", ["gpuforge", *words])
+    program.unparsed[:] = [w for w in words[: words.index("--")] ] if "--" in words else list(words)
+    program.remainder = remainder
+    cli.adopt_argv(program, words, collection())
+
+
+def test_train_chained_after_another_task_still_takes_its_overrides(monkeypatch, program):
+    adopt_with(monkeypatch, program, ["setup", "--dry-run", "train", "--job", "convnet-digits", "epochs=1"])
+    assert cli.OVERRIDES == ["epochs=1"]
+    assert program.unparsed == ["setup", "--dry-run", "train", "--job", "convnet-digits"]
+
+
+def test_exec_chained_after_another_task_takes_the_remainder(monkeypatch, program):
+    adopt_with(monkeypatch, program, ["setup", "exec", "--", "hostname"], remainder="hostname")
+    assert cli.REMAINDER == ["hostname"] and program.remainder == ""
+
+
+def test_a_task_name_given_as_a_flag_value_is_not_a_task(monkeypatch, program):
+    adopt_with(monkeypatch, program, ["train", "--job", "setup", "lr=1"])
+    assert cli.OVERRIDES == ["lr=1"] and program.unparsed == ["train", "--job", "setup"]
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["logs", "--tail", "abc"], "error: --tail expects a whole number; got 'abc'"),
+        (["logs", "-t", "abc"], "error: -t expects a whole number; got 'abc'"),
+        (["up", "--disk-gb=abc"], "error: --disk-gb expects a whole number; got 'abc'"),
+        (["status", "train", "--nproc-per-node", "x"], "error: --nproc-per-node expects a whole number; got 'x'"),
+        (["train", "--start-timeout", "soon"], "error: --start-timeout expects a number; got 'soon'"),
+    ],
+)
+def test_number_flags_given_words_are_one_line(monkeypatch, program, words, message):
+    from invoke.exceptions import Exit
+
+    with pytest.raises(Exit) as info:
+        adopt_with(monkeypatch, program, words)
+    assert info.value.message == message and info.value.code == 2

@@ -51,6 +51,9 @@ hosts:
         ("storage: ftp://x\nhosts:\n  - address: 10.0.0.1", "storage 'ftp://x' must be a file://, s3:// or gs:// URL"),
         ("name: Bad_Name!\nhosts:\n  - address: 10.0.0.1", "cluster name 'bad-name!'"),
         ("hosts: [", "cannot read the hosts file"),
+        ("hosts:\n  - address: 10.0.0.1\n  - address: 10.0.0.1", "hosts[1] is 10.0.0.1:22, the same machine as hosts[0]"),
+        ("hosts:\n  - address: 10.0.0.1\n    port: 2222\n  - address: 10.0.0.1\n    port: 2222", "the same machine"),
+        ("hosts:\n  - {address: 10.0.0.1, name: a}\n  - {address: 10.0.0.2, name: a}", "hosts[1] has the name 'a'"),
     ],
 )
 def test_bad_hosts_file_names_the_entry(tmp_path, text, message):
@@ -70,12 +73,31 @@ def test_resolve_by_name_selection_and_unknown(tmp_path):
         inventory.resolve(tmp_path, "nope")
 
 
-def test_resolve_reads_a_recorded_stack_output(tmp_path):
+def test_resolve_reads_a_recorded_stack_output_without_registering_it(tmp_path):
     fixture = __import__("pathlib").Path(__file__).parent / "fixtures" / "stack_output_aws.json"
     cluster = inventory.resolve(tmp_path, str(fixture))
     assert cluster.cloud == "aws" and len(cluster.nodes) >= 1
-    assert (tmp_path / "clusters" / cluster.name / "cluster.json").exists()
-    assert cluster.known_hosts.endswith("known_hosts")
+    assert cluster.known_hosts.endswith("known_hosts") and cluster.state_dir == str(tmp_path / "clusters" / cluster.name)
+    assert not (tmp_path / "clusters" / cluster.name / "cluster.json").exists(), "--cluster FILE is for this call only"
+    assert inventory.known_clusters(tmp_path) == []
+
+
+def test_a_file_never_overwrites_a_registered_cluster_of_the_same_name(tmp_path):
+    local = ClusterInfo(name="lab", cloud="local", nodes=(NodeInfo(name="n", rank=0, public_address="127.0.0.2",
+                                                                   private_address="127.0.0.2"),))
+    inventory.register(tmp_path, local)
+    path = write(tmp_path, "name: lab\nhosts:\n  - address: 10.0.0.1\n")
+    with pytest.raises(InventoryError, match="cluster lab already exists"):
+        inventory.resolve(tmp_path, str(path))
+    assert inventory.resolve(tmp_path, "lab").cloud == "local"
+
+
+def test_no_cluster_selected_lists_the_clusters_there_are(tmp_path):
+    for name in ("alpha", "beta"):
+        inventory.register(tmp_path, ClusterInfo(name=name, cloud="hosts", nodes=(
+            NodeInfo(name="n", rank=0, public_address="10.0.0.1", private_address="10.0.0.1"),)))
+    with pytest.raises(InventoryError, match=r"no cluster selected \(known clusters: alpha, beta; pick one with"):
+        inventory.resolve(tmp_path)
 
 
 def test_bad_stack_output_is_a_clear_error(tmp_path):

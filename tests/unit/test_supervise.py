@@ -1,7 +1,8 @@
 """The node supervisor's pure parts: the NCCL env file and failure classification."""
 
+from workloads.failures import explain_failure
 from workloads.runs import NodeStatus, RunStatus
-from workloads.supervise import classify_failure, load_env_file
+from workloads.supervise import load_env_file
 
 TORCHRUN_SIGKILL = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 Root Cause (first observed failure):
@@ -26,12 +27,15 @@ def test_env_file_is_sourced_like_a_shell_would(tmp_path, monkeypatch):
 
 
 def test_a_killed_rank_is_named_by_its_signal():
-    assert classify_failure(1, TORCHRUN_SIGKILL) == ("a rank was killed by signal 9 (SIGKILL)", False)
+    failure = explain_failure(1, TORCHRUN_SIGKILL)
+    assert failure.reason == "rank 1 (local rank 0) was killed by signal 9 (SIGKILL)" and not failure.secondary
+    assert failure.exit_code == -9 and failure.shell_code == 137
 
 
 def test_a_rank_that_lost_its_peer_is_secondary():
-    reason, secondary = classify_failure(1, PEER_LOST)
-    assert secondary and reason.startswith("exit code 1: RuntimeError:") and "Connection closed by peer" in reason
+    failure = explain_failure(1, PEER_LOST)
+    assert failure.secondary and failure.reason.startswith("the process exited with code 1: RuntimeError:")
+    assert "Connection closed by peer" in failure.reason
 
 
 def test_the_culprit_is_the_node_that_failed_on_its_own():
@@ -40,3 +44,61 @@ def test_the_culprit_is_the_node_that_failed_on_its_own():
     bystander = NodeStatus("node-2", 2, "stopped", "stopped because node-1 failed", ended=9.0)
     status = RunStatus("r", [victim, killer, bystander])
     assert status.state == "failed" and status.culprit is killer
+
+
+# torchrun 2.13's report for a worker that called sys.exit(3) (taken from a run on the local cluster)
+TORCHRUN_EXIT_3 = """[rank1]: something went wrong
+E1201 22:57:56.123000 5990 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: 3) local_rank: 0 (pid: 5992)
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 940, in main
+    run(args)
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+/runs/crash/code/crash.py FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_22:57:56
+  host      : localhost
+  rank      : 1 (local_rank: 0)
+  exitcode  : 3 (pid: 5992)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+USER_TRACEBACK = """Traceback (most recent call last):
+  File "/code/train.py", line 5, in <module>
+    raise ValueError("lr must be > 0, got -1")
+ValueError: lr must be > 0, got -1
+""" + TORCHRUN_EXIT_3.replace("exitcode  : 3", "exitcode  : 1")
+
+
+def test_the_workers_own_exit_code_and_rank_are_reported_not_torchruns():
+    failure = explain_failure(1, TORCHRUN_EXIT_3)
+    assert (failure.exit_code, failure.rank, failure.local_rank, failure.secondary) == (3, 1, 0, False)
+    assert failure.reason == "rank 1 (local rank 0) exited with code 3" and failure.shell_code == 3
+
+
+def test_the_users_last_traceback_is_the_error_not_torchruns():
+    failure = explain_failure(1, USER_TRACEBACK)
+    assert failure.reason == "rank 1 (local rank 0) exited with code 1: ValueError: lr must be > 0, got -1"
+
+
+def test_an_error_file_gives_the_error(tmp_path):
+    error_file = tmp_path / "error.json"
+    error_file.write_text('{"message": {"message": "RuntimeError: CUDA out of memory", "extraInfo": {}}}')
+    log = TORCHRUN_EXIT_3.replace("error_file: <N/A>", f"error_file: {error_file}")
+    assert explain_failure(1, log).error == "RuntimeError: CUDA out of memory"
+
+
+def test_a_plain_command_keeps_its_exit_code_and_traceback():
+    failure = explain_failure(4, "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'a'\n")
+    assert failure.reason == "the process exited with code 4: KeyError: 'a'" and failure.shell_code == 4
+
+
+def test_an_agent_that_lost_the_store_is_secondary():
+    log = "torch.distributed.DistNetworkError: failed to recv, got 0 bytes\n"
+    assert explain_failure(1, log).secondary
