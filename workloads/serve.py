@@ -22,6 +22,7 @@ early 2025 (no planned updates, fixes or security patches) and needs a Java runt
 import argparse
 import json
 import logging
+import os
 import time
 import signal
 import sys
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     global EXPECTED_SHAPE
     args = build_parser().parse_args(argv)
+    # The model's OpenMP threads sleep between batches instead of spinning (GNU OpenMP spins after each
+    # forward by default): on a small node the spin starves the HTTP process that feeds the next batch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from workloads.errors import WorkloadError
     from workloads.serve_model import KINDS, inspect_run, load_run_model, accuracy_of
