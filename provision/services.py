@@ -188,6 +188,20 @@ class Tunnel:
                                      stderr=subprocess.PIPE, start_new_session=True)
         return self
 
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Until the local end accepts connections (ssh listens once it has authenticated)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise ServiceError(f"the SSH tunnel closed: {self.error() or 'no message'}")
+            try:
+                socket.create_connection(("127.0.0.1", self.local), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"the SSH tunnel did not listen on 127.0.0.1:{self.local} within {timeout:.0f} s") from None
+                time.sleep(0.1)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

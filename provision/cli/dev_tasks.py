@@ -110,7 +110,7 @@ def forward(c, port, node="0", local_port=-1, cluster=None):
                 raise
             local = free_local(0)  # the same number is taken here: any free one
         with Tunnel(home, chosen, target, local, remote) as tunnel:
-            time.sleep(0.3)
+            tunnel.wait_listening()
             say(f"127.0.0.1:{local} -> {target.name} 127.0.0.1:{remote}; Ctrl-C to stop")
             try:
                 while tunnel.alive():
