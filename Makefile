@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # OpenSSH server for the embedded local cluster (each node is a real sshd); sudo, python3-venv and unshare for
-# its VM-like nodes (a sudo login user, a fresh venv from the system python3, namespaces per node).
-SYSPKGS := openssh-server sudo python3-venv util-linux
+# its VM-like nodes (a sudo login user, a fresh venv from the system python3, namespaces per node); the OpenSSH
+# client for `gpuforge ssh` and its tunnels; Debian's Chromium for the test that loads JupyterLab in a browser.
+SYSPKGS := openssh-server openssh-client sudo python3-venv util-linux chromium
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "installing $$missing (the local cluster's nodes)"; \
+	if [ -n "$$missing" ]; then echo "installing $$missing (the local cluster's nodes and their clients)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    -o DPkg::Lock::Timeout=600 $$missing >/dev/null; fi
 

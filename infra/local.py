@@ -46,7 +46,12 @@ PermitRootLogin prohibit-password
 StrictModes no
 MaxStartups 100:30:200
 MaxSessions 100
-AllowTcpForwarding no
+# Port forwarding to loopback only (Jupyter, TensorBoard and model-server tunnels; ProxyJump between nodes):
+AllowTcpForwarding local
+PermitOpen {permit_open}
+AllowStreamLocalForwarding no
+GatewayPorts no
+PermitTunnel no
 X11Forwarding no
 PrintMotd no
 # Skip shell start-up files that would run for every command (pyenv init costs ~60 ms each):
@@ -120,14 +125,15 @@ def create_local_cluster(name: str, nodes: int, home: Path, login_user: str = ""
     storage = state / "storage"
     storage.mkdir(exist_ok=True)
     infos, known = [], []
+    permit = permit_open(nodes)
     try:
         if login_user:
             from infra.local_vm import share_storage
 
             share_storage(login_user, storage)
         for rank in range(nodes):
-            info = start_vm_node(sshd, state, rank, keys, login_user, boot_hook) if login_user else \
-                start_node(sshd, state, rank, keys)
+            info = start_vm_node(sshd, state, rank, keys, login_user, boot_hook, permit) if login_user else \
+                start_node(sshd, state, rank, keys, permit)
             infos.append(info)
             known.append(f"[{info.public_address}]:{info.ssh_port} {' '.join(host_pub.split()[:2])}")
     except BaseException:
@@ -146,15 +152,25 @@ def create_local_cluster(name: str, nodes: int, home: Path, login_user: str = ""
     return cluster
 
 
-def start_node(sshd: str, state: Path, rank: int, keys: Path) -> NodeInfo:
-    address = f"127.0.0.{FIRST_HOST + rank}"
+def node_address(rank: int) -> str:
+    return f"127.0.0.{FIRST_HOST + rank}"
+
+
+def permit_open(nodes: int) -> str:
+    """sshd's PermitOpen for a local node: its loopback, and the cluster's node addresses (all 127.0.0.x) for
+    ProxyJump; nothing off this machine."""
+    return " ".join(["127.0.0.1:*", "localhost:*", *(f"{node_address(r)}:*" for r in range(nodes))])
+
+
+def start_node(sshd: str, state: Path, rank: int, keys: Path, permit: str = "127.0.0.1:* localhost:*") -> NodeInfo:
+    address = node_address(rank)
     port = free_port(address)
     node_dir = state / "nodes" / f"node-{rank}"
     node_dir.mkdir(parents=True, exist_ok=True)
     config = node_dir / "sshd_config"
     config.write_text(SSHD_CONFIG.format(
         port=port, address=address, host_key=keys / "host_ed25519", pid_file=node_dir / "sshd.pid",
-        authorized_keys=keys / "authorized_keys", node_dir=node_dir))
+        authorized_keys=keys / "authorized_keys", node_dir=node_dir, permit_open=permit))
     log = node_dir / "sshd.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=out, stderr=out,
@@ -165,13 +181,14 @@ def start_node(sshd: str, state: Path, rank: int, keys: Path) -> NodeInfo:
                     workdir=str(node_dir), instance_type="local")
 
 
-def start_vm_node(sshd: str, state: Path, rank: int, keys: Path, user: str, boot_hook: str) -> NodeInfo:
+def start_vm_node(sshd: str, state: Path, rank: int, keys: Path, user: str, boot_hook: str,
+                  permit: str = "127.0.0.1:* localhost:*") -> NodeInfo:
     """A VM-like node (infra/local_vm.py): its machine loop boots it in namespaces of its own."""
     from infra.local_vm import power_on, vm_node_info, write_vm_node
 
-    address = f"127.0.0.{FIRST_HOST + rank}"
+    address = node_address(rank)
     port = free_port(address)
-    node_dir = write_vm_node(state, rank, keys, user, address, port, sshd, boot_hook)
+    node_dir = write_vm_node(state, rank, keys, user, address, port, sshd, boot_hook, permit)
     wait_for_port(address, port, power_on(node_dir), node_dir / "sshd.log")
     return vm_node_info(rank, address, port, keys, user)
 

@@ -58,7 +58,12 @@ AllowUsers {user}
 StrictModes no
 MaxStartups 100:30:200
 MaxSessions 100
-AllowTcpForwarding no
+# Port forwarding to loopback only, as on the quick nodes (Jupyter, TensorBoard, model-server tunnels; ProxyJump):
+AllowTcpForwarding local
+PermitOpen {permit_open}
+AllowStreamLocalForwarding no
+GatewayPorts no
+PermitTunnel no
 X11Forwarding no
 PrintMotd no
 SetEnv SHLVL=1
@@ -133,11 +138,12 @@ done
 
 
 def write_vm_node(state: Path, rank: int, keys: Path, user: str, address: str, port: int, sshd: str,
-                  boot_hook: str) -> Path:
+                  boot_hook: str, permit: str = "127.0.0.1:* localhost:*") -> Path:
     node_dir = state / "nodes" / f"node-{rank}"
     node_dir.mkdir(parents=True, exist_ok=True)
     (node_dir / "sshd_config").write_text(VM_SSHD_CONFIG.format(
-        port=port, address=address, host_key=keys / "host_ed25519", authorized_keys=keys / "authorized_keys", user=user))
+        port=port, address=address, host_key=keys / "host_ed25519", authorized_keys=keys / "authorized_keys", user=user,
+        permit_open=permit))
     (node_dir / "reboot-shim").write_text(REBOOT_SHIM.format(node_dir=node_dir))
     (node_dir / "boot.sh").write_text(boot_script(node_dir, sshd, boot_hook))
     (node_dir / "machine.sh").write_text(MACHINE_SCRIPT.format(node_dir=node_dir))

@@ -27,8 +27,11 @@ def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> Clu
         raise InventoryError(f"--nodes must be >= 1; got {nodes}")
     if registry.load(home, name) is not None:
         raise InventoryError(f"a cloud cluster named {name} is registered; `fab down --cluster {name}` first")
+    from infra.ssh_config import write_ssh_config
+
     cluster = create_local_cluster(name, nodes, home, login_user=login_user)
     registry.drop_data(home, name, {Path(cluster.storage_url.removeprefix("file://")).resolve().as_uri()})
+    write_ssh_config(home, cluster)  # `ssh <name>-node-0`, VS Code Remote-SSH (`gpuforge ssh-config`)
     return cluster
 
 
@@ -85,6 +88,10 @@ def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = 
             return
         finish_data(home, name, [], True, yes, out)
         tidy(home, name)
+    if cluster is not None:  # its hosts go with it (a failed teardown above keeps them)
+        from infra.ssh_config import remove_ssh_config
+
+        remove_ssh_config(home, cluster)
     if inventory.current_name(home) == name:
         inventory.select(home, None)
 

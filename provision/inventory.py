@@ -24,8 +24,10 @@ from provision.errors import InventoryError, ProvisionError
 
 DEFAULT_HOME = "~/.gpuforge"
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
-HOST_FIELDS = {"address", "private_address", "port", "user", "key", "name", "gpus", "gpu_model", "workdir"}
-FILE_FIELDS = {"name", "hosts", "user", "key", "port", "storage", "workdir", "pip_index"}
+HOST_FIELDS = {"address", "private_address", "port", "user", "key", "name", "gpus", "gpu_model", "workdir", "jump",
+               "frameworks"}
+FILE_FIELDS = {"name", "hosts", "user", "key", "port", "storage", "workdir", "pip_index", "frameworks"}
+FRAMEWORKS = ("tensorflow",)  # what a node can ask setup for beyond PyTorch (provision/steps/tensorflow.py)
 
 
 def home_dir() -> Path:
@@ -64,6 +66,9 @@ def register(home: Path, cluster: ClusterInfo) -> ClusterInfo:
     cluster = replace(cluster, state_dir=cluster.state_dir or str(folder),
                       known_hosts=cluster.known_hosts or str(folder / "known_hosts"))
     cluster.save(folder / "cluster.json")
+    from infra.ssh_config import write_ssh_config
+
+    write_ssh_config(home, cluster)  # `ssh <cluster>-<node>` follows the record
     return cluster
 
 
@@ -176,11 +181,14 @@ def load_hosts_file(path: Path) -> ClusterInfo:
         key: ~/.ssh/id_ed25519
         storage: s3://my-bucket       # shared storage for checkpoints (needed for multi-node resume)
         pip_index: https://pypi.example.corp/simple   # optional: the nodes' package index (a URL, or `node`)
+        frameworks: [tensorflow]      # optional: TensorFlow on every host (or per host, below)
         hosts:
           - address: 203.0.113.10     # SSH address; private_address defaults to it
             private_address: 10.0.0.10
             port: 22
             gpus: 8
+          - address: 10.0.0.11        # no public address: reached through the first host (ProxyJump)
+            jump: true
     """
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -209,7 +217,7 @@ def load_hosts_file(path: Path) -> ClusterInfo:
     storage = str(data.get("storage") or "")
     if storage and not re.match(r"^(file|s3|gs)://", storage):
         raise InventoryError(f"{path}: storage {storage!r} must be a file://, s3:// or gs:// URL")
-    extra = {"hosts_file": str(Path(path).resolve())}
+    extra: dict[str, Any] = {"hosts_file": str(Path(path).resolve())}
     if data.get("pip_index"):
         from provision.pip_index import check_setting
 
@@ -217,11 +225,39 @@ def load_hosts_file(path: Path) -> ClusterInfo:
             extra["pip_index"] = check_setting(str(data["pip_index"]), f"{path}: pip_index")
         except ProvisionError as exc:
             raise InventoryError(str(exc)) from exc
+    extra.update(host_options(path, data, nodes))
     try:
-        return ClusterInfo(name=name, cloud="hosts", nodes=tuple(nodes), region="", storage_url=storage,
-                           extra=extra)
+        return ClusterInfo(name=name, cloud="hosts", nodes=tuple(nodes), region="", storage_url=storage, extra=extra)
     except ClusterError as exc:
         raise InventoryError(f"{path}: {exc}") from exc
+
+
+def check_frameworks(where: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or any(v not in FRAMEWORKS for v in value):
+        raise InventoryError(f"{where}: frameworks must be a list of {', '.join(FRAMEWORKS)}; got {value!r}")
+    return list(value)
+
+
+def host_options(path: Path, data: dict[str, Any], nodes: list[NodeInfo]) -> dict[str, Any]:
+    """The cluster record's `frameworks`, `node_frameworks` and `proxy_jump` (nodes reached through node 0)."""
+    out: dict[str, Any] = {}
+    if "frameworks" in data:
+        out["frameworks"] = check_frameworks(str(path), data["frameworks"])
+    per_node = {n.name: check_frameworks(f"{path}: hosts[{i}]", h["frameworks"])
+                for i, (n, h) in enumerate(zip(nodes, data["hosts"])) if "frameworks" in h}
+    if per_node:
+        out["node_frameworks"] = per_node
+    jumps = []
+    for i, (n, h) in enumerate(zip(nodes, data["hosts"])):
+        if not isinstance(h.get("jump", False), bool):
+            raise InventoryError(f"{path}: hosts[{i}]: jump must be true or false, got {h['jump']!r}")
+        if h.get("jump") and i == 0:
+            raise InventoryError(f"{path}: hosts[0] is the jump host itself; `jump: true` goes on the others")
+        if h.get("jump"):
+            jumps.append(n.name)
+    if jumps:
+        out["proxy_jump"] = jumps
+    return out
 
 
 def host_node(path: Path, index: int, host: Any, defaults: dict[str, Any]) -> NodeInfo:

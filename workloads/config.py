@@ -13,7 +13,8 @@ from typing import Any
 
 from workloads.errors import ConfigError
 
-MODELS = ("seed_cnn", "seed_convnet", "gpt")
+MODELS = ("seed_cnn", "seed_convnet", "gpt", "seed_cnn_tf")
+TF_MODELS = ("seed_cnn_tf",)  # trained by workloads/tf_trainer.py (TensorFlow), not the PyTorch trainer
 DATASETS = ("digits", "text")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -29,7 +30,7 @@ class TrainConfig:
 
     # -- model --
     model: str = "seed_convnet"
-    """seed_cnn | seed_convnet | gpt."""
+    """seed_cnn | seed_convnet | gpt (PyTorch) | seed_cnn_tf (TensorFlow)."""
     width: float = 1.0
     """seed_convnet channel/width multiplier; 1.0 is the seed article's network."""
     num_classes: int = 10
@@ -153,8 +154,15 @@ class TrainConfig:
             raise ConfigError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature must be > 0; got {self.distill_temperature}")
+        if self.model in TF_MODELS and (self.teacher or self.quantize or self.compile or self.grad_accum != 1):
+            raise ConfigError(f"{self.model} (TensorFlow) trains without teacher, quantize, compile and grad_accum")
         if self.teacher and self.dataset != "digits":
             raise ConfigError("distillation (teacher=...) is supported for the digits classifiers")
+
+    @property
+    def framework(self) -> str:
+        """torch, or tensorflow for the TensorFlow models (which need TensorFlow on the nodes)."""
+        return "tensorflow" if self.model in TF_MODELS else "torch"
 
     @property
     def is_classifier(self) -> bool:

@@ -106,6 +106,9 @@ def validate_spec(cluster: ClusterInfo, spec: RunSpec) -> list[NodeInfo]:
         from workloads.jobs import get_job
 
         cfg = apply_overrides(get_job(spec.job), spec.args)
+        if cfg.framework == "tensorflow" and spec.nproc_per_node > 1:
+            raise ConfigError(f"{spec.job} is a TensorFlow job: one worker per node (MultiWorkerMirroredStrategy "
+                              "uses every GPU of its node); drop --nproc-per-node")
         if cfg.job == "convnet-digits-student" and not cfg.teacher:
             raise ConfigError("convnet-digits-student needs teacher=RUN_ID (a finished convnet-digits run)")
     elif spec.script:
@@ -120,14 +123,27 @@ def validate_spec(cluster: ClusterInfo, spec: RunSpec) -> list[NodeInfo]:
 
 
 def procs_per_node(spec: RunSpec, node: NodeInfo) -> int:
+    if is_tensorflow_job(spec):
+        return 1
     return spec.nproc_per_node or max(1, node.gpu_count)
+
+
+def is_tensorflow_job(spec: RunSpec) -> bool:
+    """A job whose model trains with TensorFlow (workloads/tf_trainer.py): it needs TF_CONFIG."""
+    if not spec.job:
+        return False
+    from workloads.config import apply_overrides
+    from workloads.jobs import get_job
+
+    return apply_overrides(get_job(spec.job), spec.args).framework == "tensorflow"
 
 
 def venv_of(node: NodeInfo) -> str:
     return f"{node.workdir}/venv"
 
 
-def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: NodeInfo, port: int) -> dict[str, str]:
+def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: NodeInfo, port: int,
+            worker_ports: list[int] | None = None) -> dict[str, str]:
     """The environment of every training process (DESIGN.md), with SkyPilot and dstack aliases."""
     ips = "\n".join(n.private_address for n in nodes)
     nproc = procs_per_node(spec, node)
@@ -148,6 +164,10 @@ def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: No
     if cluster.cloud == "local":  # all nodes share this machine's cores: don't oversubscribe them
         total = sum(procs_per_node(spec, n) for n in nodes)
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // total))
+    if worker_ports:  # a TensorFlow job: MultiWorkerMirroredStrategy finds its peers in TF_CONFIG
+        from workloads.tf_trainer import tf_config
+
+        env["TF_CONFIG"] = tf_config([n.private_address for n in nodes], worker_ports, nodes.index(node))
     env.update(spec.env)
     return env
 
@@ -182,10 +202,30 @@ def check_ready(conn: Any, node: NodeInfo) -> None:
         raise LaunchError(f"node is not set up ({python} is missing); run `fab setup` first")
 
 
+def check_tensorflow(conn: Any, node: NodeInfo) -> None:
+    probe = f"ls -d {shlex.quote(node.workdir)}/venv/lib/python3*/site-packages/tensorflow >/dev/null 2>&1"
+    if not conn.run(probe, hide=True, warn=True).ok:
+        raise LaunchError("the node has no TensorFlow in its environment; run `fab setup --tensorflow` first")
+
+
 def pick_port(conn: Any, node: NodeInfo) -> int:
     probe = f"import socket; s = socket.socket(); s.bind(({node.private_address!r}, 0)); print(s.getsockname()[1])"
     result = conn.run(f"{shlex.quote(venv_of(node) + '/bin/python')} -c {shlex.quote(probe)}", hide=True)
     return int(result.stdout.strip())
+
+
+def pick_worker_ports(cluster: ClusterInfo, nodes: list[NodeInfo], taken: set[int]) -> list[int]:
+    """A free port per node for TensorFlow's workers, all different (local nodes share one port space)."""
+    ports: list[int] = []
+    for node in nodes:
+        for _ in range(20):
+            port = on_nodes(cluster, [node], pick_port)[0]
+            raise_first([port], [node], "choosing a TensorFlow worker port")
+            if port not in taken:
+                break
+        taken.add(port)
+        ports.append(port)
+    return ports
 
 
 def check_run_id(home: Path, cluster: ClusterInfo, spec: RunSpec) -> int:
@@ -237,9 +277,12 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
         bundle = collect_workdir(Path(spec.workdir), spec.ship_limit_mb or DEFAULT_LIMIT_MB)
     attempt = check_run_id(home, cluster, spec)
     raise_first(on_nodes(cluster, nodes, check_ready), nodes, "checking the node")
+    if is_tensorflow_job(spec):
+        raise_first(on_nodes(cluster, nodes, check_tensorflow), nodes, "checking the node")
     check_not_busy(cluster, nodes)
     port = on_nodes(cluster, nodes[:1], pick_port)[0]
     raise_first([port], nodes[:1], "choosing the master port")
+    worker_ports = pick_worker_ports(cluster, nodes, {port}) if is_tensorflow_job(spec) else None
     if bundle is not None:
         ship_bundle(cluster, nodes, bundle)
     save_record(home, cluster, spec, nodes, port, attempt)
@@ -256,7 +299,7 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
             conn.run(f"cp -a {shlex.quote(code_dir(node.workdir, bundle.digest))} {shlex.quote(cwd)} "
                      f"&& rm -f {shlex.quote(cwd)}/.gpuforge-complete", hide=True)
         run_spec = {"run_id": spec.run_id, "node": node.name, "node_rank": node.rank, "nnodes": len(nodes),
-                    "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port),
+                    "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port, worker_ports),
                     "venv": venv_of(node), "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
                     "start_timeout": spec.start_timeout if spec.job else 0, "attempt": attempt,
                     "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else ""}

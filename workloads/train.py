@@ -92,6 +92,8 @@ def prepare(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, cfg, runs) -> int:
+    if cfg.framework == "tensorflow":
+        return run_tensorflow(args, cfg, runs)
     from workloads.errors import WorkloadError
     from workloads.runtime import finish, init_runtime
     from workloads.trainer import Trainer
@@ -116,7 +118,37 @@ def run(args: argparse.Namespace, cfg, runs) -> int:
     return code
 
 
-def print_summary(summary: dict, url: str) -> None:
+def run_tensorflow(args: argparse.Namespace, cfg, runs) -> int:
+    """A TensorFlow job (workloads/tf_trainer.py): no torch import, one worker per node (TF_CONFIG)."""
+    from workloads.errors import WorkloadError
+
+    code = 1
+    try:
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise WorkloadError(f"job {cfg.job} needs TensorFlow, which this environment lacks; "
+                                "`fab setup --tensorflow` installs it on the nodes") from None
+        from workloads.tf_trainer import train_tf
+
+        run_id = args.run_id or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = train_tf(cfg, runs.child(run_id), run_id)
+        if "test_accuracy" in summary:
+            print_summary(summary, runs.child(run_id).url, model="model.keras")
+        code = 0
+    except WorkloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except Exception as exc:  # noqa: BLE001 - one clear line, traceback under --debug
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # TensorFlow's gRPC threads can hold a worker at interpreter exit
+
+
+def print_summary(summary: dict, url: str, model: str = "model.pth") -> None:
     if "test_accuracy" in summary:
         print(f"test accuracy: {summary['test_accuracy']:.4f}")
     print(f"val loss: {summary['val_loss']:.4f}")
@@ -126,10 +158,11 @@ def print_summary(summary: dict, url: str) -> None:
               f"{q['state_dict_mb_int8']} MB vs {q['state_dict_mb_fp32']} MB")
     tokens = f", {summary['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in summary else ""
     print(f"steps: {summary['steps']}, {summary['samples_per_s']} samples/s{tokens}, {summary['wall_time_s']} s")
-    peak = summary["peak"]
-    print(f"MFU: {summary['mfu_steady']:.1%} of {peak['tflops']:g} TFLOPS {peak['dtype']} "
-          f"({'measured here' if peak['measured'] else 'datasheet'}: {peak['device']})")
-    print(f"model: {url}/model.pth")
+    if "peak" in summary:  # our PyTorch trainer; the TensorFlow job counts no FLOPs
+        peak = summary["peak"]
+        print(f"MFU: {summary['mfu_steady']:.1%} of {peak['tflops']:g} TFLOPS {peak['dtype']} "
+              f"({'measured here' if peak['measured'] else 'datasheet'}: {peak['device']})")
+    print(f"model: {url}/{model}")
 
 
 if __name__ == "__main__":

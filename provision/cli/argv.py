@@ -23,17 +23,21 @@ OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 REMAINDER: list[str] = []
 OVERRIDES: list[str] = []
 OVERRIDE_TASKS = ("train",)
-REMAINDER_TASKS = ("exec", "train", "launch")
-RUN_TASKS = ("fetch", "status", "logs", "cancel")
-TASK_NAMES = {"up", "down", "sweep", "use", "clusters", "setup", "train", "launch", "status", "logs", "cancel", "fetch", "exec",
-              "bake", "doctor"}
+REMAINDER_TASKS = ("exec", "train", "launch", "ssh")
+# A bare word after these tasks is their --run (or, for ssh, --node): `fab fetch RUN`, `fab ssh node-1`.
+WORD_FLAGS = {"fetch": "--run", "status": "--run", "logs": "--run", "cancel": "--run", "tensorboard": "--run",
+              "serve": "--run", "ssh": "--node"}
+RUN_TASKS = tuple(WORD_FLAGS)
+TASK_NAMES = {"up", "down", "sweep", "use", "clusters", "setup", "train", "launch", "status", "logs", "cancel", "fetch",
+              "exec", "bake", "doctor", "ssh", "ssh-config", "forward", "jupyter", "tensorboard", "serve"}
 
 # flags that take a value: a word right after one of them is that flag's value, never a task or an override
 VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r", "--cluster", "-c",
                "--nproc-per-node", "--start-timeout", "--set", "--env", "-e", "--storage", "--run", "--node", "--tail",
                "--dest", "-d", "-t", "--name", "--cloud", "--instance-type", "--accelerator", "--region", "--zone",
                "--disk-gb", "--os", "--ssh-cidr", "--project", "--hosts", "--keep", "--base-image", "--subnet-id",
-               "--security-group-id", "--max-ship-mb", "-v", "-m", "--image", "--network", "--subnetwork"}
+               "--security-group-id", "--max-ship-mb", "-v", "-m", "--image", "--network", "--subnetwork",
+               "--port", "-p", "--kind", "-k", "--max-batch", "--local-port", "-l"}
 
 
 def adopt_fab_argv(collection: Any = None) -> None:
@@ -68,7 +72,7 @@ def adopt_argv(core, argv: list[str], collection: Any = None) -> None:
     for start, end in spans or [(0, len(unparsed))]:
         words = unparsed[start:end]
         if words and words[0] in RUN_TASKS:
-            adopt_run_word(words, names)
+            adopt_run_word(words, names, WORD_FLAGS[words[0]])
         if words and words[0] in OVERRIDE_TASKS:
             words = take_overrides(words)
         kept.extend(words)
@@ -89,12 +93,12 @@ def take_overrides(words: list[str]) -> list[str]:
     return kept
 
 
-def adopt_run_word(unparsed: list[str], names: set[str] = TASK_NAMES) -> None:
+def adopt_run_word(unparsed: list[str], names: set[str] = TASK_NAMES, flag: str = "--run") -> None:
     """`fab fetch RUN` / `fab status RUN`: a bare word after the task is its run id (`--run RUN`)."""
     for i in range(1, len(unparsed)):
         word, before = unparsed[i], unparsed[i - 1]
-        if not word.startswith("-") and before not in VALUE_FLAGS and word not in names and "--run" not in unparsed:
-            unparsed.insert(i, "--run")
+        if not word.startswith("-") and before not in VALUE_FLAGS and word not in names and flag not in unparsed:
+            unparsed.insert(i, flag)
             return
 
 

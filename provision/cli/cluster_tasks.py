@@ -125,24 +125,29 @@ def clusters(c):
             "accelerator": "with --instance-type on GCP n1: e.g. nvidia-tesla-t4:1",
             "allreduce": "run the cross-node all-reduce check on CPU clusters too (always on GPU clusters)",
             "pip_index": "package index for the nodes: a URL (mirror/proxy) or `node` (the node's own pip config); "
-                         "default $GPUFORGE_PIP_INDEX, then the hosts file's pip_index"})
+                         "default $GPUFORGE_PIP_INDEX, then the hosts file's pip_index",
+            "tensorflow": "also install TensorFlow (the build for the nodes' CUDA); remembered for later setups"})
 def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", cloud="", accelerator="", allreduce=False,
-          pip_index=""):
+          pip_index="", tensorflow=False):
     """Configure every node: driver, CUDA, NCCL, EFA, Python env, our code, verify (idempotent)."""
     from provision.setup import check_cluster_allreduce, setup_cluster
 
     home = inventory.home_dir()
     with cli.user_errors():
         if instance_type:
-            report.print_type_plan(cloud, instance_type, os, accelerator)
+            report.print_type_plan(cloud, instance_type, os, accelerator, ["tensorflow"] if tensorflow else [])
             return
         chosen = inventory.resolve(home, cluster)
         from provision.pip_index import resolve_pip_index
+        from provision.steps.tensorflow import remember_frameworks
 
         resolve_pip_index(pip_index, str(chosen.extra.get("pip_index") or ""))  # a bad value stops here, before SSH
+        frameworks = remember_frameworks(inventory.cluster_dir(home, chosen.name), ["tensorflow"] if tensorflow else [],
+                                         save=not dry_run)
         started = time.monotonic()
         with report.SetupProgress(chosen) as progress:
-            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event, pip_index=pip_index)
+            reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event, pip_index=pip_index,
+                                    extra_options={"frameworks": frameworks})
         report.print_setup(chosen, reports, dry_run, time.monotonic() - started)
         if any(not r.ok for r in reports):
             raise Exit(code=1)

@@ -32,6 +32,8 @@ def check_tools(cloud: str) -> list[Check]:
     return [
         Check("sshd (local cluster)", bool(sshd), sshd or "sudo apt-get install -y openssh-server", cloud == "local"),
         Check("ssh-keygen", bool(keygen), keygen or "sudo apt-get install -y openssh-client", cloud in ("local", "aws", "gcp")),
+        Check("ssh (ssh, forward, jupyter, serve)", bool(shutil.which("ssh")),
+              shutil.which("ssh") or "sudo apt-get install -y openssh-client", False),
         Check("pulumi CLI (cloud clusters)", bool(pulumi), pulumi or "curl -fsSL https://get.pulumi.com | sh",
               cloud in ("aws", "gcp")),
     ]

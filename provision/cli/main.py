@@ -16,7 +16,8 @@ from invoke import Collection, Program
 
 from provision.cli import argv
 
-MODULES = ("provision.cli.cluster_tasks", "provision.cli.run_tasks", "provision.cli.task_tasks")
+MODULES = ("provision.cli.cluster_tasks", "provision.cli.run_tasks", "provision.cli.task_tasks",
+           "provision.cli.dev_tasks")
 
 
 def namespace() -> Collection:

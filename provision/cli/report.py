@@ -131,7 +131,7 @@ def grouped_steps(steps: list[Any]) -> list[tuple[str, list[str], str, float]]:
     return groups
 
 
-def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: str) -> None:
+def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: str, frameworks: list[str] = ()) -> None:
     from infra.catalog import CLOUDS, find_instance
     from infra.errors import CatalogError
     from provision.plan import plan_context, render_plan
@@ -146,7 +146,7 @@ def print_type_plan(cloud: str, instance_type: str, os_name: str, accelerator: s
     from provision.setup import step_options
 
     ctx = plan_context(cloud, instance_type, os_name, accelerator or None)
-    ctx.options = {**step_options(ctx.cluster, home_dir()), **ctx.options}
+    ctx.options = {**step_options(ctx.cluster, home_dir()), **ctx.options, "frameworks": list(frameworks)}
     print(render_plan(all_steps(), ctx))
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 from provision.steps.base import Step
 from provision.steps.core import BaseStep, PythonEnvStep, VerifyStep, WorkloadStep
 from provision.steps.gpu import GPU_SYSTEM_STEPS, GPU_VERIFY_STEP
+from provision.steps.tensorflow import TENSORFLOW_STEPS
 
 
 def all_steps() -> list[Step]:
-    """base; the GPU system steps (skipped without a GPU); python env; our code; verify."""
-    return [BaseStep(), *GPU_SYSTEM_STEPS, PythonEnvStep(), WorkloadStep(), GPU_VERIFY_STEP, VerifyStep()]
+    """base; the GPU system steps (skipped without a GPU); python env; TensorFlow (only where asked for);
+    our code; verify."""
+    return [BaseStep(), *GPU_SYSTEM_STEPS, PythonEnvStep(), *TENSORFLOW_STEPS, WorkloadStep(), GPU_VERIFY_STEP,
+            VerifyStep()]
 
 
 def step_names() -> list[str]:
