@@ -66,7 +66,8 @@ def load_tf_matrix(path: Path = TF_MATRIX_FILE) -> dict[str, TfBuild]:
 
 def node_cuda(ctx: StepContext) -> str:
     """The CUDA the node's torch build runs (the version matrix's choice for this GPU and driver)."""
-    from provision.versions import cuda_of_build, torch_requirement
+    from provision.drivers import torch_requirement
+    from provision.versions import cuda_of_build
 
     facts = ctx.facts
     _, index = torch_requirement(facts.os_name, True, facts.gpu_model, facts.existing_driver)
