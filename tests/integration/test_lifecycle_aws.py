@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 import boto3
 import pytest
 
+from provision.registry import human_bytes
+
 from infra.sweep import find_aws_leftovers
 from tests.fakes import moto_ext
 from tests.fakes.engine_aws import AwsCloud
@@ -162,9 +164,11 @@ def test_up_second_up_train_down_keeps_the_data_then_delete_data(aws, capsys, tm
     assert s3.list_object_versions(Bucket=bucket)["Versions"]
 
     s3.put_object(Bucket=bucket, Key="runs/r1/summary.json", Body=b"overwritten")  # a noncurrent version too
+    listing = s3.list_object_versions(Bucket=bucket)
+    held = human_bytes(sum(v["Size"] for v in listing["Versions"]))  # what the bucket holds, every version counted
     gone = gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", stdin="y\n")
     assert gone.code == 0, gone.text
-    assert f"s3://{bucket}" in gone.out and "delete it? [y/N]" in gone.out and "10.4 MB" in gone.out
+    assert f"s3://{bucket}" in gone.out and "delete it? [y/N]" in gone.out and held in gone.out, (held, gone.out)
     assert bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
     assert ours(session, cluster_id) == [] and not (home / "clusters" / "demo").exists()
     assert_strangers_untouched(session, strangers)
