@@ -18,9 +18,8 @@ from datetime import datetime, timedelta, timezone
 import boto3
 import pytest
 
-from provision.registry import human_bytes
-
 from infra.sweep import find_aws_leftovers
+from provision.registry import human_bytes
 from tests.fakes import moto_ext
 from tests.fakes.engine_aws import AwsCloud
 from tests.fakes.s3 import ACCOUNT_ID, apply_s3_env, reset_moto, start_moto_server
