@@ -1,7 +1,7 @@
 """The embedded local cluster: each node is a real OpenSSH server on its own loopback address.
 
     create_local_cluster("demo", nodes=2, home=Path("~/.gpuforge"))   # what `fab up` does
-    destroy_local_cluster(state_dir)                                   # what `fab down` does
+    destroy_local_cluster(state_dir, keep_storage=True)                # what `fab down` does (data kept)
 
 Each node has its own address (127.0.0.2, 127.0.0.3, ...), port, sshd config and directory (its
 "disk"); the cluster has one host key, one client key (0600) and a known_hosts that pins the host

@@ -73,6 +73,8 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         console.rule("fab down")
         console.print(destroy_local_cluster(state))
+        console.print("(the demo is self-contained: its results are in ./runs, and its storage folder goes with it; "
+                      "`gpuforge down` of your own clusters keeps theirs)")
 
 
 if __name__ == "__main__":
