@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from infra.local import create_local_cluster, destroy_local_cluster, our_processes, restart_node, stop_node
-from provision.setup import setup_cluster
+from provision.setup import log_dir, setup_cluster
 from provision.steps.base import Cmd, Step
 from tests.support import ROOT, TINY_CONVNET
 from workloads.launch import RunSpec, cancel_run, fetch_run, follow_run, run_status, start_run
@@ -79,6 +79,27 @@ def test_setup_configures_every_node_and_a_rerun_changes_nothing(cluster, home):
     again = setup_cluster(c, home)
     assert all(r.ok and r.changed == [] for r in again)
     assert {s.status for r in again for s in r.steps} == {"unchanged", "skipped"}
+
+
+def commands_of_last_setup(home, cluster, node) -> list[str]:
+    text = (log_dir(cluster, home) / f"setup-{node}.log").read_text()
+    last = text.rsplit("=== setup", 1)[1]
+    return [line.split(" $ ", 1)[1] for line in last.splitlines() if " $ " in line]
+
+
+def test_a_rerun_that_finds_everything_in_place_is_one_command_per_node(cluster, home):
+    c, _ = cluster
+    assert all(r.ok and r.changed == [] for r in setup_cluster(c, home))
+    assert [len(commands_of_last_setup(home, c, n.name)) for n in c.nodes] == [1, 1]
+
+
+def test_work_gone_from_a_node_is_redone_although_its_marker_says_done(cluster, home):
+    c, _ = cluster
+    stamp = Path(c.node(1).workdir, "venv", "gpuforge-source.txt")
+    stamp.unlink()
+    reports = {r.node: r for r in setup_cluster(c, home)}
+    assert reports[c.node(0).name].changed == [] and reports[c.node(1).name].changed == ["workload"]
+    assert stamp.exists()
 
 
 def test_a_changed_source_tree_is_reshipped(cluster, home, monkeypatch):
