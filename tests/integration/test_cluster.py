@@ -175,6 +175,21 @@ def test_a_users_script_runs_unchanged_with_the_environment(cluster, home, tmp_p
         assert env["GPUFORGE_STORAGE"] == f"{c.storage_url}/runs/script" and env["argv"] == ["--batch_size", "8"]
 
 
+def test_follow_streams_rank_0s_lines_as_they_come_each_once(cluster, home):
+    c, _ = cluster
+    command = 'for i in 1 2 3 4; do echo "line $i of rank $NODE_RANK"; sleep 0.3; done; printf "last, no newline"'
+    start_run(c, RunSpec(command=command, nodes=2, run_id="stream", storage_url=c.storage_url), home)
+    seen: list[tuple[str, float]] = []
+    status = follow_run(c, home, "stream", out=lambda text: seen.extend((line, time.time()) for line in text.splitlines()),
+                        timeout=60)
+    expected = [f"line {i} of rank 0" for i in range(1, 5)] + ["last, no newline"]
+    assert status.state == "succeeded" and [line for line, _ in seen] == expected
+    assert seen[0][1] < status.nodes[0].ended  # shown while the run ran, not read once it had ended
+    again: list[str] = []
+    follow_run(c, home, "stream", out=again.append)  # an ended run: its whole log, once
+    assert "\n".join(again).splitlines() == expected
+
+
 def worker_pid(cluster, rank, run_id):
     for pid, cmd in run_procs(cluster, run_id):
         line = " ".join(cmd)
