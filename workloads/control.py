@@ -127,15 +127,21 @@ def logs(cluster: ClusterInfo, home: Path, run_id: str | None = None, node: str 
 
 
 FOLLOW_SCRIPT = (
-    # rank 0's log from byte OFFSET, as it grows, until its supervisor (named in status.json) has exited: GNU
-    # tail's --pid, checked every 0.1 s; a run whose supervisor has not written status.json yet gets a moment.
-    "d={d}; for i in $(seq 1 200); do sup=$(sed -n 's/.*\"supervisor_pid\": *\\([0-9]*\\).*/\\1/p' "
-    "$d/status.json 2>/dev/null); [ -n \"$sup\" ] && break; sleep 0.05; done; "
-    "[ -n \"$sup\" ] || exit 3; exec tail -c +{start} --pid=$sup -s 0.1 -F $d/output.log 2>/dev/null"
+    # rank 0's log from byte {start}, as it grows, until that node's status.json says the run ended there (read
+    # with builtins every 0.1 s); also ends when its supervisor is gone without saying so, or never wrote a status.
+    # Not `tail --pid`: an exited supervisor stays a zombie until init reaps it, which can take seconds.
+    "d={d}; tail -c +{start} -F $d/output.log 2>/dev/null & t=$!; n=0; "
+    "while :; do s=; p=; "
+    "while IFS= read -r l; do case \"$l\" in "
+    "' \"state\": \"'*) s=${{l#*: \\\"}}; s=${{s%%\\\"*}};; "
+    "' \"supervisor_pid\": '*) p=${{l#*: }}; p=${{p%,}};; esac; done 2>/dev/null < $d/status.json; "
+    "case \"$s\" in succeeded|failed|cancelled|stopped) break;; esac; "
+    "if [ -z \"$p\" ]; then n=$((n + 1)); [ $n -gt 100 ] && break; elif ! kill -0 \"$p\" 2>/dev/null; then break; fi; "
+    "sleep 0.1; done; sleep 0.2; kill $t 2>/dev/null; wait $t 2>/dev/null; true"
 )
 FOLLOW_POLL_S = 1.0  # how often the other nodes are asked while rank 0's log streams (a failure there stops rank 0)
 ENDING_POLL_S = 0.05  # after rank 0's supervisor exits: until every node has written its final state
-STREAM_END_S = 10.0  # after the run's final state: how long rank 0's supervisor (and so the stream) may take to exit
+STREAM_END_S = 10.0  # how long rank 0's stream may outlast the run's final state, and the others rank 0's
 
 
 class LineWriter:
@@ -187,16 +193,17 @@ def follow_run(cluster: ClusterInfo, home: Path, run_id: str | None = None, out:
 
             tailing = threading.Thread(target=stream, daemon=True, name="follow-log")
             tailing.start()
+            stream_ended = 0.0
             while status.state == "running":
                 if deadline is not None and time.monotonic() > deadline:
                     raise LaunchError(f"run {run_id} still running after {timeout:.0f} s")
-                tailing.join(poll)
+                if tailing.is_alive():
+                    tailing.join(poll)
+                else:  # rank 0 ended: the others end with it (asked often for a while), or are stopped
+                    stream_ended = stream_ended or time.monotonic()
+                    time.sleep(ENDING_POLL_S if time.monotonic() - stream_ended < STREAM_END_S else poll)
                 status = run_status(cluster, home, run_id, pool=pool)
-                if not tailing.is_alive():  # rank 0's supervisor is done: the others end with it, or are stopped
-                    while status.state == "running" and (deadline is None or time.monotonic() < deadline):
-                        time.sleep(ENDING_POLL_S)
-                        status = run_status(cluster, home, run_id, pool=pool)
-            tailing.join(STREAM_END_S)  # the final state is written just before rank 0's supervisor exits
+            tailing.join(STREAM_END_S)  # the stream stops ~0.3 s after rank 0's final state
             if tailing.is_alive():  # rank 0 still stopping: what the stream showed stays shown, nothing twice
                 sink.close()
                 return status
