@@ -270,13 +270,13 @@ class Trainer:
         """Rank 0 saves the (replicated) state; the loop goes on once DCP has copied it to host
         memory, unless `wait`: then every rank returns when the checkpoint is complete."""
         per_rank = self.rt.all_gather_object(self.rng_state())
+        self.saved_step = self.step  # on every rank: a notice at this step then only waits for this save
         if self.rt.is_main:
             parts = {"model": self.model.state_dict(), "train_state": {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "samples": self.samples, "ranks": per_rank}}
             meta = {"step": self.step, "run_id": self.run_id, "world": self.rt.world, "config": self.cfg.to_dict(), "time": time.time()}
             self.ckpt.save_async(self.step, parts, meta)
-            self.saved_step = self.step
             if self.metrics is not None:
                 self.metrics.flush()
             if wait:
