@@ -1,0 +1,118 @@
+"""Recovery on the embedded local cluster: a node lost mid-run (its sshd and every process killed, as a
+preemption does) is brought back, set up again, and the run resumes from its last complete checkpoint to the
+same parameters, bitwise, as an uninterrupted run; a script that raises is not retried; --recover N is honoured."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.local import create_local_cluster, destroy_local_cluster, kill_node, our_processes
+from provision.recovery import follow_with_recovery
+from provision.setup import setup_cluster
+from tests.support import TINY_CONVNET
+from workloads.launch import RunSpec, fetch_run, start_run
+from workloads.runs import load_record
+
+JOB = [*TINY_CONVNET, "export=none", "quantize=false", "max_steps=40", "ckpt_every=4", "log_every=1", "augment=true"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpuforge-home")
+
+
+@pytest.fixture(scope="module")
+def cluster(home):
+    c = create_local_cluster("rec", 2, home)
+    reports = setup_cluster(c, home)
+    assert all(r.ok for r in reports), [r.error for r in reports]
+    yield c
+    destroy_local_cluster(Path(c.state_dir))
+    assert not our_processes(Path(c.state_dir))
+
+
+def state_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    for key, value in torch.load(path, weights_only=True).items():
+        h.update(key.encode())
+        h.update(value.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoints(cluster, run_id) -> list[int]:
+    folder = Path(cluster.storage_url.removeprefix("file://")) / "runs" / run_id
+    return [int(p.parent.name.split("-")[1]) for p in folder.glob("step-*/manifest.json")]
+
+
+def test_a_node_killed_mid_run_is_recovered_and_the_run_ends_bitwise_equal(cluster, home, tmp_path):
+    straight = RunSpec(job="convnet-digits", nodes=2, run_id="straight", args=JOB, storage_url=cluster.storage_url)
+    start_run(cluster, straight, home)
+    assert follow_with_recovery(cluster, home, "straight", 0, out=lambda t: None, poll=0.3, timeout=180).state == "succeeded"
+
+    spec = RunSpec(job="convnet-digits", nodes=2, run_id="lost", args=JOB, storage_url=cluster.storage_url)
+    start_run(cluster, spec, home)
+    deadline = time.monotonic() + 120
+    while not any(s >= 8 for s in checkpoints(cluster, "lost")):
+        assert time.monotonic() < deadline, "no checkpoint of step 8 in time"
+        time.sleep(0.1)
+    assert kill_node(cluster, 1) >= 3  # its supervisor, torchrun agent and worker at least
+    lines: list[str] = []
+    status = follow_with_recovery(cluster, home, "lost", 2, out=lines.append, poll=0.3, timeout=180)
+    assert status.state == "succeeded", ([(n.node, n.state, n.reason) for n in status.nodes], lines)
+    record = load_record(home, cluster, "lost")
+    assert record["attempt"] == 2 and len(record["recoveries"]) == 1
+    recovery = record["recoveries"][0]
+    assert recovery["kind"] == "unreachable" and recovery["nodes"] == ["node-1"]
+    assert recovery["resumed_from_step"] >= 8 and recovery["steps_lost"] >= 0
+    assert set(recovery["seconds"]) == {"detection", "node_back", "setup", "restart"}
+    for run_id in ("straight", "lost"):
+        fetch_run(cluster, home, run_id, tmp_path)
+    assert state_sha(tmp_path / "lost/model.pth") == state_sha(tmp_path / "straight/model.pth")
+    summary = json.loads((tmp_path / "lost/summary.json").read_text())
+    assert summary["resumed_from_step"] == recovery["resumed_from_step"]
+
+
+RAISES = """
+import os, sys, time
+if os.environ["RANK"] == "1":
+    raise ValueError("lr must be > 0")
+time.sleep(60)
+"""
+
+# What a rank prints when its peer's machine went away mid-collective (gloo), then exits: a peer loss.
+PEER_LOST = """
+import sys
+print("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.3]:29500",
+      file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def run_script(cluster, home, tmp_path, run_id, source, recover):
+    script = tmp_path / run_id / "train.py"
+    script.parent.mkdir()
+    script.write_text(source)
+    start_run(cluster, RunSpec(script=str(script), nodes=2, run_id=run_id, storage_url=cluster.storage_url), home)
+    lines: list[str] = []
+    status = follow_with_recovery(cluster, home, run_id, recover, out=lines.append, poll=0.3, timeout=120)
+    return status, load_record(home, cluster, run_id), lines
+
+
+def test_a_script_that_raises_is_not_retried(cluster, home, tmp_path):
+    status, record, lines = run_script(cluster, home, tmp_path, "raises", RAISES, recover=3)
+    assert status.state == "failed" and status.culprit.node == "node-1" and "lr must be > 0" in status.culprit.reason
+    assert record["attempt"] == 1 and record["recoveries"] == []
+    assert any("not recovered" in line for line in lines)
+
+
+def test_recover_n_is_honoured(cluster, home, tmp_path):
+    status, record, lines = run_script(cluster, home, tmp_path, "peerloss", PEER_LOST, recover=2)
+    assert status.state == "failed"
+    assert record["attempt"] == 3 and [r["kind"] for r in record["recoveries"]] == ["peer-loss", "peer-loss"]
+    assert any("all 2 recoveries used" in line for line in lines)
