@@ -19,7 +19,7 @@ from tests.support import TINY_CONVNET
 from workloads.launch import RunSpec, fetch_run, start_run
 from workloads.runs import load_record
 
-JOB = [*TINY_CONVNET, "export=none", "quantize=false", "max_steps=40", "ckpt_every=4", "log_every=1", "augment=true"]
+JOB = [*TINY_CONVNET, "export=none", "quantize=false", "max_steps=24", "ckpt_every=4", "log_every=1", "augment=true"]
 
 
 @pytest.fixture(scope="module")
@@ -78,27 +78,20 @@ def test_a_node_killed_mid_run_is_recovered_and_the_run_ends_bitwise_equal(clust
     assert summary["resumed_from_step"] == recovery["resumed_from_step"]
 
 
-RAISES = """
-import os, sys, time
-if os.environ["RANK"] == "1":
+# A task's `run:` whose script raises on node 1 while node 0 is healthy (busy).
+RAISES = """python -c '
+import os, time
+if os.environ["NODE_RANK"] == "1":
     raise ValueError("lr must be > 0")
 time.sleep(60)
-"""
-
-# What a rank prints when its peer's machine went away mid-collective (gloo), then exits: a peer loss.
-PEER_LOST = """
-import sys
-print("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.3]:29500",
-      file=sys.stderr)
-sys.exit(1)
-"""
+'"""
+# What a rank prints when its peer's machine went away mid-collective (gloo), then exits: a peer loss, each time.
+PEER_LOST = ("echo 'RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+             "[127.0.0.3]:29500' >&2; exit 1")
 
 
-def run_script(cluster, home, tmp_path, run_id, source, recover):
-    script = tmp_path / run_id / "train.py"
-    script.parent.mkdir()
-    script.write_text(source)
-    start_run(cluster, RunSpec(script=str(script), nodes=2, run_id=run_id, storage_url=cluster.storage_url), home)
+def run_script(cluster, home, tmp_path, run_id, command, recover):
+    start_run(cluster, RunSpec(command=command, nodes=2, run_id=run_id, storage_url=cluster.storage_url), home)
     lines: list[str] = []
     status = follow_with_recovery(cluster, home, run_id, recover, out=lines.append, poll=0.3, timeout=120)
     return status, load_record(home, cluster, run_id), lines
