@@ -25,6 +25,7 @@ its cause, node, steps lost and the seconds of each phase; `gpuforge status` sho
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ from typing import Callable
 from infra.cluster import ClusterInfo
 from provision import inventory
 from provision.errors import ProvisionError
-from workloads.control import follow_run, stop_run
+from workloads.control import follow_run, run_status, stop_run
 from workloads.launch import resume_spec, start_run
 from workloads.remote import on_nodes
-from workloads.runs import LOST, RunStatus, add_recovery, load_record, record_nodes
+from workloads.runs import LOST, LaunchError, RunStatus, add_recovery, load_record, record_nodes
+
+logger = logging.getLogger(__name__)
 
 MAX_RECOVER = 100  # --recover's ceiling: a run that needs more than this has a problem recovery does not solve
 HOST_WAIT_S = 600.0  # a machine of a hosts file that went away: how long to wait for it to answer SSH again
@@ -141,13 +144,34 @@ def recover_once(cluster: ClusterInfo, home: Path, run_id: str, status: RunStatu
     return cluster
 
 
+def follow_until_end(cluster: ClusterInfo, home: Path, run_id: str, out: Callable[[str], None], poll: float,
+                     timeout: float | None) -> RunStatus:
+    """follow_run, going on when the node it streams from (rank 0's) is lost: the run's state then comes from
+    the other nodes, until they end too (their ranks fail on the lost peer; the supervisors stop them)."""
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        left = None if deadline is None else max(1.0, deadline - time.monotonic())
+        try:
+            return follow_run(cluster, home, run_id, out=out, poll=poll, timeout=left)
+        except LaunchError:
+            raise  # the timeout
+        except Exception as exc:  # noqa: BLE001 - the head node's connection failed: is the run still going?
+            status = run_status(cluster, home, run_id)
+            if status.state != "running":
+                return status
+            logger.info("following run %s: %s; waiting for the other nodes", run_id, exc)
+            if deadline is not None and time.monotonic() > deadline:
+                raise LaunchError(f"run {run_id} still running after {timeout:.0f} s") from exc
+            time.sleep(poll)
+
+
 def follow_with_recovery(cluster: ClusterInfo, home: Path, run_id: str, recover: int,
                          out: Callable[[str], None] = print, secrets: dict[str, str] | None = None,
                          poll: float = 1.0, timeout: float | None = None) -> RunStatus:
     """Follow the run; after a loss diagnose() accepts, recover it, at most `recover` times; the final status."""
     used = 0
     while True:
-        status = follow_run(cluster, home, run_id, out=out, poll=poll, timeout=timeout)
+        status = follow_until_end(cluster, home, run_id, out, poll, timeout)
         if status.state in ("succeeded", "cancelled"):
             return status
         loss = diagnose(status)
