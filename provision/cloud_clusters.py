@@ -33,7 +33,7 @@ from provision.errors import InventoryError, ProvisionError
 logger = logging.getLogger(__name__)
 
 FIELDS = ("nodes", "instance_type", "accelerator", "region", "zone", "spot", "disk_gb", "os", "ssh_cidrs", "project",
-          "image")
+          "image", "autostop", "autodown")
 
 
 def console() -> Any:
