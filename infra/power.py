@@ -116,10 +116,16 @@ def gce_instances(cluster: ClusterInfo, client: Any = None) -> dict[str, tuple[s
 
 
 def start_gcp(cluster: ClusterInfo, names: list[str]) -> dict[str, str]:
+    from google.cloud import compute_v1
+
+    from infra.gcp_api import compute_kwargs
+    from infra.sweep.gcp import wait_gcp_operation
+
     client = gce_client()
     project, zone = cluster.extra.get("project", ""), cluster.extra.get("zone", "")
-    for name in names:
-        client.start(project=project, zone=zone, instance=name).result(timeout=START_TIMEOUT_S)
+    for name in names:  # polled on our endpoint (the library's own poller ignores it)
+        wait_gcp_operation(compute_v1, compute_kwargs(), project, "zone", zone,
+                           client.start(project=project, zone=zone, instance=name))
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         live = gce_instances(cluster, client)
