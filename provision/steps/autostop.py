@@ -14,14 +14,14 @@ user already has) get none.
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import shlex
 from importlib import resources
 from typing import Any
 
 from infra.autostop import DEFAULT_S
-from provision.steps.base import Cmd, Step, StepContext, fingerprint_of
+from provision.steps.base import Cmd, Step, StepContext, run_cmd, run_plan
 
 SERVICE = "gpuforge-autostop"
 POLL_S = 15.0  # a look every 15 s: the stop comes at most this late, and costs nothing in between
@@ -101,11 +101,6 @@ def watcher_config(ctx: StepContext, layout: Layout) -> dict[str, Any]:
     return config
 
 
-def write_file(path: str, data: bytes, mode: str) -> str:
-    encoded = base64.b64encode(data).decode()
-    return f"echo {encoded} | base64 -d > {q(path)}.tmp && chmod {mode} {q(path)}.tmp && mv {q(path)}.tmp {q(path)}"
-
-
 def start_detached(layout: Layout) -> str:
     """Start the watcher in a session of its own (no systemd), replacing one that runs."""
     return (f"{stop_detached(layout)}; setsid nohup python3 {q(layout.script)} {q(layout.config)} "
@@ -129,37 +124,60 @@ class AutostopStep(Step):
             return "machines of a hosts file are yours: no autostop"
         return None
 
+    def files(self, ctx: StepContext, layout: Layout) -> dict[str, tuple[bytes, str, str]]:
+        """name -> (content, where it goes, mode): what the step uploads to the node."""
+        config = json.dumps(watcher_config(ctx, layout), sort_keys=True).encode()
+        files = {"autostop_watch.py": (watcher_source(), layout.script, "0755"),
+                 "autostop.json": (config, layout.config, "0644"),
+                 "autostop-boot.sh": (f"#!/bin/sh\n{start_detached(layout)}\n".encode(), layout.boot, "0755")}
+        if not layout.quick:
+            unit = UNIT.format(script=layout.script, config=layout.config).encode()
+            files["gpuforge-autostop.service"] = (unit, f"/etc/systemd/system/{SERVICE}.service", "0644")
+        return files
+
+    def staging(self, ctx: StepContext) -> str:
+        return f"{ctx.workdir}/.gpuforge/autostop-upload"
+
     def plan(self, ctx: StepContext) -> list[Cmd]:
         layout = Layout(ctx)
         root = not layout.quick
         if not idle_seconds(ctx):
             return [self.removal(layout, root)]
-        config = json.dumps(watcher_config(ctx, layout), sort_keys=True).encode()
-        boot = f"#!/bin/sh\n{start_detached(layout)}\n".encode()
+        files, staging = self.files(ctx, layout), self.staging(ctx)
+        listing = ", ".join(f"{name} ({hashlib.sha256(data).hexdigest()[:12]})" for name, (data, _, _) in files.items())
+        installs = " && ".join(f"install -m {mode} {q(staging + '/' + name)} {q(dest)}"
+                               for name, (_, dest, mode) in files.items() if name != "gpuforge-autostop.service")
         cmds = [
-            Cmd(f"mkdir -p {' '.join(q(d) for d in layout.dirs)}", sudo=root, desc="watcher directories"),
-            Cmd(write_file(layout.script, watcher_source(), "0755"), sudo=root, desc="the watcher script"),
-            Cmd(write_file(layout.config, config, "0644"), sudo=root, desc=f"its config: {idle_seconds(ctx)} s idle"),
+            Cmd(f"mkdir -p {q(staging)}", desc="an upload folder"),
+            Cmd(f"# sftp put {listing} to {staging}", desc=f"the watcher, its config ({idle_seconds(ctx)} s idle), "
+                                                           "its boot script"),
+            Cmd(f"mkdir -p {' '.join(q(d) for d in layout.dirs)} && {installs}", sudo=root, desc="installed"),
         ]
         if layout.quick:
-            return [*cmds, Cmd(write_file(layout.boot, boot, "0755"), desc="started at every boot"),
-                    Cmd(start_detached(layout), desc="start it")]
-        unit = UNIT.format(script=layout.script, config=layout.config).encode()
-        unit_path = f"/etc/systemd/system/{SERVICE}.service"
+            return [*cmds, Cmd(start_detached(layout), desc="start it")]
+        unit = f"/etc/systemd/system/{SERVICE}.service"
         return [*cmds, Cmd(
-            f"if {SYSTEMD}; then {write_file(unit_path, unit, '0644')} && systemctl daemon-reload && "
-            f"systemctl enable --quiet {SERVICE} && systemctl restart {SERVICE}; "
-            f"else {write_file(layout.boot, boot, '0755')} && {start_detached(layout)}; fi",
-            sudo=True, desc=f"the {SERVICE} service (systemd), else a boot script; (re)started")]
+            f"if {SYSTEMD}; then install -m 0644 {q(staging + '/' + SERVICE + '.service')} {unit} && "
+            f"systemctl daemon-reload && systemctl enable --quiet {SERVICE} && systemctl restart {SERVICE}; "
+            f"else {start_detached(layout)}; fi",
+            sudo=True, desc=f"the {SERVICE} service under systemd (else the boot script starts it); (re)started")]
+
+    def apply(self, conn: Any, ctx: StepContext) -> None:
+        import io
+
+        cmds = self.plan(ctx)
+        if not idle_seconds(ctx):
+            return run_plan(conn, ctx, self.name, cmds)
+        run_cmd(conn, ctx.node.name, self.name, cmds[0])
+        for name, (data, _, _) in self.files(ctx, Layout(ctx)).items():
+            conn.put(io.BytesIO(data), f"{self.staging(ctx)}/{name}")
+        run_plan(conn, ctx, self.name, cmds[2:])
 
     def removal(self, layout: Layout, root: bool) -> Cmd:
         systemd = (f"if {SYSTEMD}; then systemctl disable --now --quiet {SERVICE} 2>/dev/null; "
                    f"rm -f /etc/systemd/system/{SERVICE}.service; systemctl daemon-reload; fi; ") if root else ""
         return Cmd(f"{systemd}{stop_detached(layout)}; rm -f {q(layout.boot)} {q(layout.config)} {q(layout.state)}",
                    sudo=root, desc="autostop is off: no watcher")
-
-    def fingerprint(self, ctx: StepContext) -> str:
-        return fingerprint_of(self.name, [c.run for c in self.plan(ctx)])
 
     def check(self, conn: Any, ctx: StepContext) -> bool:
         """The watcher runs (or, autostop off, none is installed)."""
