@@ -29,16 +29,31 @@ def start_local(home: Path, cluster: ClusterInfo, autostop: int | None, autodown
     from provision.cloud_clusters import console
 
     out = console()
-    if autostop is not None:
-        cluster = with_autostop(cluster, autostop, autodown)
-        cluster.save(Path(cluster.state_dir) / "cluster.json")
-        out.print(f"cluster {cluster.name}: {describe(autostop, autodown)}; `fab setup` applies it to the nodes")
     stopped = [name for name, state in power_states(cluster).items() if state == "stopped"]
     for name in stopped:
         restart_node(cluster, cluster.node(name).rank)
     out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}" if stopped else
               f"cluster {cluster.name} is up")
+    if autostop is not None:
+        was_on = bool(cluster.extra.get("autostop_s"))
+        cluster = with_autostop(cluster, autostop, autodown)
+        cluster.save(Path(cluster.state_dir) / "cluster.json")
+        if not autostop and was_on:
+            remove_watchers(cluster)  # `setup` skips autostop on a local cluster where it is off
+        out.print(f"cluster {cluster.name}: {describe(autostop, autodown)}"
+                  + ("; `fab setup` applies it to the nodes" if autostop else ""))
     return cluster
+
+
+def remove_watchers(cluster: ClusterInfo) -> None:
+    from provision.steps.autostop import AutostopStep
+    from provision.steps.base import StepContext, command_line
+    from workloads.remote import on_nodes, raise_first
+
+    step = AutostopStep()
+    results = on_nodes(cluster, list(cluster.nodes), lambda c, n: c.run(
+        command_line(c, step.removal_for(StepContext(cluster=cluster, node=n))), hide=True))
+    raise_first(results, list(cluster.nodes), "removing the autostop watcher")
 
 
 WATCH_PROBE = "cat {state} 2>/dev/null || echo '{{}}'; echo; date +%s"
@@ -101,3 +116,22 @@ def setting(cluster: ClusterInfo) -> str:
     if cluster.cloud == "hosts":
         return "-"
     return describe(int(cluster.extra.get("autostop_s") or 0), bool(cluster.extra.get("autodown")))
+
+
+def finish_autodown(home: Path, cluster: ClusterInfo) -> bool:
+    """An autodown cluster whose every node has gone (terminated; on GCP and local clusters: stopped, as their own
+    shutdown leaves them) is removed the next time the controller looks, as `fab down` would (its data kept): the
+    nodes cannot remove the stack, whose state lives on this machine. True when it was removed."""
+    from infra.power import power_states
+    from provision.cloud_clusters import console
+    from provision.clusters import destroy
+
+    if not cluster.extra.get("autodown") or cluster.cloud not in ("local", "aws", "gcp"):
+        return False
+    states = power_states(cluster)
+    if not states or any(state not in ("stopped", "gone") for state in states.values()):
+        return False
+    console().print(f"every node of autodown cluster {cluster.name} has gone: removing the rest of it, as "
+                    "`fab down` does (its data is kept)")
+    destroy(home, cluster.name, delete_data=False, yes=True)
+    return True

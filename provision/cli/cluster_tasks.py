@@ -60,6 +60,7 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
     with cli.user_errors():
         count = cli.parse_nodes(nodes)
         idle = parse_autostop(autostop) if autostop else None  # a bad value: one line, before anything starts
+        finish_autodown_of(home, name or (f"{cloud}-gpu" if cloud and cloud != "local" else "local"))
         if hosts:
             cluster = register_hosts(home, Path(hosts))
         elif not cloud or cloud == "local":
@@ -76,6 +77,14 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
             cluster = create_cloud_cluster(home, cloud=cloud, name=name, given=given, yes=yes, roll_image=roll_image)
         inventory.select(home, cluster.name)
         report.print_cluster(cluster)
+
+
+def finish_autodown_of(home: Path, name: str) -> None:
+    """`up` of an autodown cluster whose nodes have all gone: the rest goes first, then the cluster is made anew."""
+    from provision.autostop import finish_autodown
+
+    if name in inventory.known_clusters(home):
+        finish_autodown(home, inventory.resolve(home, name))
 
 
 @task(help={"cluster": CLUSTER_HELP,
@@ -121,9 +130,14 @@ def use(c, cluster):
 
 @task
 def clusters(c):
-    """List the known clusters; the selected one is marked."""
+    """List the known clusters (running or stopped, their autostop); the selected one is marked. An autodown cluster
+    whose nodes have all gone is removed (its data kept)."""
+    from provision.autostop import finish_autodown
+
     home = inventory.home_dir()
     with cli.user_errors():
+        for name in inventory.known_clusters(home):
+            finish_autodown(home, inventory.resolve(home, name))
         report.print_clusters(home)
 
 

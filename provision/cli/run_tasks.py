@@ -111,6 +111,10 @@ def status(c, run=None, cluster=None):
     home = inventory.home_dir()
     with cli.user_errors():
         chosen = inventory.resolve(home, cluster)
+        from provision.autostop import finish_autodown
+
+        if finish_autodown(home, chosen):
+            return
         report.print_autostop(chosen)
         if run is None and not list_runs(home, chosen):
             cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `fab train --job NAME`")

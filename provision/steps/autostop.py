@@ -122,6 +122,8 @@ class AutostopStep(Step):
     def skip_reason(self, ctx: StepContext) -> str | None:
         if ctx.cluster.cloud == "hosts":
             return "machines of a hosts file are yours: no autostop"
+        if ctx.cluster.cloud == "local" and not idle_seconds(ctx):  # `up --autostop off` removes a local watcher
+            return "autostop is off (`fab up --autostop 30s` turns it on)"
         return None
 
     def files(self, ctx: StepContext, layout: Layout) -> dict[str, tuple[bytes, str, str]]:
@@ -172,6 +174,10 @@ class AutostopStep(Step):
         for name, (data, _, _) in self.files(ctx, Layout(ctx)).items():
             conn.put(io.BytesIO(data), f"{self.staging(ctx)}/{name}")
         run_plan(conn, ctx, self.name, cmds[2:])
+
+    def removal_for(self, ctx: StepContext) -> Cmd:
+        layout = Layout(ctx)
+        return self.removal(layout, not layout.quick)
 
     def removal(self, layout: Layout, root: bool) -> Cmd:
         systemd = (f"if {SYSTEMD}; then systemctl disable --now --quiet {SERVICE} 2>/dev/null; "

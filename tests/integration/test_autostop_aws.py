@@ -90,3 +90,10 @@ def test_idle_nodes_stop_and_up_starts_the_same_instances_with_their_disks(aws, 
     assert guest_shutdown(ec2, first["demo-0"]["InstanceId"]) == "terminated"
     with pytest.raises(Exception, match="IncorrectInstanceState"):  # EC2's rule: what terminated stays so
         ec2.start_instances(InstanceIds=[first["demo-0"]["InstanceId"]])
+
+    # the last node goes too: the controller's next look removes the rest of the stack, as `down` does (data kept)
+    assert guest_shutdown(ec2, first["demo-1"]["InstanceId"]) == "terminated"
+    listing = gpuforge(capsys, "clusters")
+    assert "every node of autodown cluster demo has gone: removing the rest of it" in listing.out, listing.text
+    assert not (home / "clusters" / "demo" / "cluster.json").exists()
+    assert ec2.describe_vpcs(Filters=[{"Name": "tag:gpuforge:cluster-id", "Values": [cluster_id]}])["Vpcs"] == []

@@ -123,3 +123,25 @@ def test_a_run_and_an_ssh_session_keep_nodes_up_then_idle_nodes_stop_and_up_brin
     assert "nothing changed" in again.stdout and "unchanged autostop" in again.stdout, again.stdout
     wait_for(lambda: power_states(cluster) == {"node-0": "stopped", "node-1": "stopped"}, STOP_WITHIN_S + 5,
              "the restarted nodes to stop again when idle")
+
+
+def test_an_autodown_cluster_whose_nodes_went_is_removed_at_the_next_look_and_its_data_kept(home):
+    from provision.setup import setup_cluster
+    from provision.steps.autostop import AutostopStep
+    from provision.steps.core import BaseStep
+
+    up = gpuforge(home, "up", "--name", "gone", "--nodes", "1", "--autostop", "1s", "--autodown")
+    assert up.returncode == 0, up.stdout + up.stderr
+    cluster = ClusterInfo.load(home / "clusters" / "gone" / "cluster.json")
+    assert cluster.extra["autodown"] is True
+    storage = Path(cluster.storage_url.removeprefix("file://"))
+    (storage / "results.txt").write_text("the run's output")
+    assert all(r.ok for r in setup_cluster(cluster, home, steps=[BaseStep(), AutostopStep()]))
+    wait_for(lambda: power_states(cluster) == {"node-0": "stopped"}, STOP_WITHIN_S, "the autodown node to stop")
+
+    status = gpuforge(home, "status", "--cluster", "gone")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "every node of autodown cluster gone has gone: removing the rest of it" in status.stdout
+    assert not (home / "clusters" / "gone" / "cluster.json").exists()
+    assert (storage / "results.txt").read_text() == "the run's output"  # the data policy of `down`: kept
+    assert "gone" in gpuforge(home, "clusters").stdout  # listed as down, data kept
