@@ -85,9 +85,12 @@ def test_a_run_and_an_ssh_session_keep_nodes_up_then_idle_nodes_stop_and_up_brin
 
     # work on both nodes: a run of ours on node-0 (only), an interactive ssh session on node-1
     (tmp_path / "work").mkdir()
-    start_run(cluster, RunSpec(command="sleep 6", workdir=str(tmp_path / "work"), nodes=1, run_id="busy-run",
+    done = tmp_path / "done"  # the run ends when the test says so (quick nodes share this machine's files)
+    start_run(cluster, RunSpec(command=f"while [ ! -e {done} ]; do sleep 0.2; done", workdir=str(tmp_path / "work"), nodes=1, run_id="busy-run",
                                storage_url=cluster.storage_url), home)
     session = ssh_session(home, 1)
+    wait_for(lambda: "run busy-run" in watcher_state(cluster, 0)["busy"], 30, "the watcher to see the run")
+    wait_for(lambda: watcher_state(cluster, 1)["busy"] == ["2 ssh session(s)"], 30, "the watcher to see the session")
     for keeper in keepers:
         end(keeper)
     try:
@@ -104,7 +107,10 @@ def test_a_run_and_an_ssh_session_keep_nodes_up_then_idle_nodes_stop_and_up_brin
     # node-1 is idle from now, node-0 once the run ends: each stops itself
     wait_for(lambda: power_states(cluster)["node-1"] == "stopped", STOP_WITHIN_S, "node-1 to stop")
     assert power_states(cluster)["node-0"] == "running", "node-0 must stay up while its run is active"
-    wait_for(lambda: power_states(cluster) == {"node-0": "stopped", "node-1": "stopped"}, 6 + STOP_WITHIN_S,
+    time.sleep(IDLE_S + 1)
+    assert power_states(cluster)["node-0"] == "running", "node-0 must stay up while its run is active"
+    done.write_text("")
+    wait_for(lambda: power_states(cluster) == {"node-0": "stopped", "node-1": "stopped"}, STOP_WITHIN_S + 5,
              "node-0 to stop after its run")
     listing = gpuforge(home, "clusters")
     assert NAME in listing.stdout and "stopped" in listing.stdout, listing.stdout
