@@ -79,7 +79,11 @@ def describe_nodes(cluster: ClusterInfo) -> list[str]:
     seconds = int(cluster.extra.get("autostop_s") or 0)
     if cluster.cloud == "hosts":
         return []
-    states = power_states(cluster)
+    try:
+        states = power_states(cluster)
+    except Exception as exc:  # noqa: BLE001 - `status` still shows the run when the cloud cannot be asked
+        return [f"the nodes' state is unknown: asking {cluster.cloud} failed: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"]
     up = [n for n in cluster.nodes if states.get(n.name) == "running"]
     timers = dict(zip([n.name for n in up], on_nodes(cluster, up, lambda c, n: node_timer(c, cluster, n))))
     lines = []
@@ -128,7 +132,10 @@ def finish_autodown(home: Path, cluster: ClusterInfo) -> bool:
 
     if not cluster.extra.get("autodown") or cluster.cloud not in ("local", "aws", "gcp"):
         return False
-    states = power_states(cluster)
+    try:
+        states = power_states(cluster)
+    except Exception:  # noqa: BLE001 - not knowing is no reason to remove anything
+        return False
     if not states or any(state not in ("stopped", "gone") for state in states.values()):
         return False
     console().print(f"every node of autodown cluster {cluster.name} has gone: removing the rest of it, as "
