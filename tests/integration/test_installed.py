@@ -1,11 +1,13 @@
 """gpuforge installed from its wheel (not editable, no checkout anywhere on the path) works from any folder:
 `gpuforge --list` carries every task, and `gpuforge up` + `gpuforge launch task.yaml --down` run a task
-on a 2-node local cluster, shipping the installed code to the nodes."""
+on a 2-node local cluster, shipping the installed code to the nodes; the cloud path finds its Pulumi project
+(shipped in the package) and, with no Pulumi CLI, stops at one line saying how to install it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,6 +17,7 @@ from infra.local import our_processes
 from provision.wheel import build_wheel
 
 SKIP = ("__editable__", "gpuforge", "_gpuforge", "__pycache__")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_venv(tmp_path: Path) -> Path:
@@ -62,3 +65,42 @@ def test_the_console_command_from_a_wheel_runs_a_task_from_any_folder(tmp_path):
     assert json.loads((project / "runs" / "w1" / "outputs" / "node-1" / "r.json").read_text()) == {"rank": "1"}
     state = tmp_path / "home" / "clusters" / "wheel"
     assert not our_processes(state) and not (state / "cluster.json").exists()
+
+
+def test_the_cloud_path_from_a_wheel_uses_the_packaged_pulumi_project_from_any_folder(tmp_path):
+    """Regression: the Automation API ran in the folder above the installed `infra` package (site-packages), looking
+    for the repo's Pulumi.yaml, so from a wheel install every stack call failed with "no Pulumi.yaml project file
+    found"; and with no Pulumi CLI, `up --cloud aws` must still stop at one line before anything is written."""
+    venv = make_venv(tmp_path)
+    project = tmp_path / "somewhere" / "proj"
+    project.mkdir(parents=True)
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUFORGE_", "PYTHONPATH", "VIRTUAL_ENV", "PULUMI_"))}
+    env.update(GPUFORGE_HOME=str(home), PATH=f"{venv / 'bin'}:/usr/bin:/bin")
+
+    def run(*args):
+        return subprocess.run([str(venv / "bin" / "gpuforge"), *args], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    no_cli = run("up", "--cloud", "aws", "--name", "w", "--instance-type", "g5.xlarge", "--region", "us-east-1")
+    assert no_cli.returncode != 0 and "Traceback" not in no_cli.stderr, no_cli.stdout + no_cli.stderr
+    assert "the pulumi CLI is not on PATH" in no_cli.stdout + no_cli.stderr and "get.pulumi.com" in no_cli.stderr
+    assert not (home / "clusters" / "w").exists()
+
+    bin_dir = tmp_path / "bin"  # the recording stand-in for the CLI; it fails as the real one does without a project
+    bin_dir.mkdir()
+    shutil.copy(REPO / "tests" / "fakes" / "pulumi_cli.py", bin_dir / "pulumi")
+    (bin_dir / "pulumi").chmod(0o755)
+    log = tmp_path / "pulumi-calls.jsonl"
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_PULUMI_LOG=str(log),
+               FAKE_PULUMI_OUTPUTS=str(REPO / "tests" / "unit" / "fixtures" / "stack_output_aws.json"))
+    (home / "clusters" / "w").mkdir(parents=True)  # what `fab up` of cluster w left: its stack's backend
+    used = run("use", "pulumi:w")
+
+    assert used.returncode == 0, used.stdout + used.stderr
+    assert "selected cluster llm-a100" in used.stdout
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    selects = [c for c in calls if "select" in c["argv"]]
+    assert selects and all(c["project"] == "gpuforge" for c in selects), calls
+    assert all(not c["cwd"].startswith(str(REPO)) and not c["cwd"].startswith(str(venv)) for c in selects), calls
+    assert all(c["backend"] == f"file://{(home / 'clusters' / 'w').resolve()}/pulumi" for c in selects), calls
