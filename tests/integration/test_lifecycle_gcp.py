@@ -164,6 +164,21 @@ def test_n1_clusters_come_up_without_a_compact_placement_policy(gcp, capsys):
     assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
 
 
+def test_without_a_zone_the_first_zone_that_offers_the_accelerator_is_picked(gcp, capsys):
+    """Regression: the default zone was the region's first catalog zone (us-central1-a), which has no P100 (the fake's
+    acceleratorTypes per zone, and its insert refuses an accelerator the zone lacks)."""
+    gce, _, engines = gcp
+    gce.seed("images", "global", {"name": "dlvm-1", "family": "common-cu128-ubuntu-2204-nvidia-570",
+                                  "status": "READY", "diskSizeGb": "50"}, project="deeplearning-platform-release")
+    up = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
+                  "n1-standard-8", "--accelerator", "nvidia-tesla-p100:1", "--nodes", "1", "--yes")
+    assert up.code == 0, up.text
+    assert f"offered in {REGION}-c, {REGION}-f" in " ".join(up.out.split())
+    assert engines.made[-1].config("demo")["gpuforge:zone"] == f"{REGION}-c"
+    assert [scope for scope, _ in gce.items("instances")] == [f"zones/{REGION}-c"]
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
+
+
 @pytest.mark.parametrize("point", ["early", "no-capacity-anywhere", "controller-killed"])
 def test_a_failed_up_then_down_leaves_nothing_of_the_cluster(gcp, capsys, tmp_path, point):
     gce, gcs, engines = gcp
