@@ -152,13 +152,18 @@ def test_down_of_a_gcp_cluster_reaches_the_sweep_with_its_project(gcp, capsys):
     assert gce.iam.accounts.get(PROJECT, {}) == {}
 
 
+def up_n1(gce: FakeCompute, capsys, accelerator: str, nodes: int):
+    """`up` of an N1 cluster with `accelerator`, no zone given, on the Deep Learning VM image (no baked one)."""
+    gce.seed("images", "global", {"name": "dlvm-1", "family": "common-cu128-ubuntu-2204-nvidia-570",
+                                  "status": "READY", "diskSizeGb": "50"}, project="deeplearning-platform-release")
+    return gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
+                    "n1-standard-8", "--accelerator", accelerator, "--nodes", str(nodes), "--yes")
+
+
 def test_n1_clusters_come_up_without_a_compact_placement_policy(gcp, capsys):
     """GCE refuses compact placement for N1 (the fake applies the rule): a 2-node N1 cluster must not ask for it."""
     gce, _, _ = gcp
-    gce.seed("images", "global", {"name": "dlvm-1", "family": "common-cu128-ubuntu-2204-nvidia-570",
-                                  "status": "READY", "diskSizeGb": "50"}, project="deeplearning-platform-release")
-    up = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
-                  "n1-standard-8", "--accelerator", "nvidia-tesla-t4:1", "--nodes", "2", "--yes")
+    up = up_n1(gce, capsys, "nvidia-tesla-t4:1", 2)
     assert up.code == 0, up.text
     assert len([r for _, r in gce.items("instances")]) == 2 and gce.names("resourcePolicies") == set()
     assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
@@ -168,10 +173,7 @@ def test_without_a_zone_the_first_zone_that_offers_the_accelerator_is_picked(gcp
     """Regression: the default zone was the region's first catalog zone (us-central1-a), which has no P100 (the fake's
     acceleratorTypes per zone, and its insert refuses an accelerator the zone lacks)."""
     gce, _, engines = gcp
-    gce.seed("images", "global", {"name": "dlvm-1", "family": "common-cu128-ubuntu-2204-nvidia-570",
-                                  "status": "READY", "diskSizeGb": "50"}, project="deeplearning-platform-release")
-    up = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
-                  "n1-standard-8", "--accelerator", "nvidia-tesla-p100:1", "--nodes", "1", "--yes")
+    up = up_n1(gce, capsys, "nvidia-tesla-p100:1", 1)
     assert up.code == 0, up.text
     assert f"offered in {REGION}-c, {REGION}-f" in " ".join(up.out.split())
     assert engines.made[-1].config("demo")["gpuforge:zone"] == f"{REGION}-c"
