@@ -27,6 +27,7 @@ gpuforge stores no secret values in config.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from infra.cluster import ClusterInfo
-from infra.errors import ClusterError, PulumiCliMissingError, StackError
+from infra.errors import CloudPackagesMissingError, ClusterError, PulumiCliMissingError, StackError
 from infra.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ PULUMI_INSTALL_HINT = (
     "install it with `curl -fsSL https://get.pulumi.com | sh` (then add ~/.pulumi/bin to PATH), "
     "or see https://www.pulumi.com/docs/iac/download-install/"
 )
+# what the cloud path imports, per cloud: the `cloud` extra of pyproject.toml (a plain `pip install gpuforge` lacks it)
+CLOUD_CLIENTS = {"aws": ("boto3",), "gcp": ("google.cloud.compute_v1", "google.cloud.storage")}
+PULUMI_SDKS = {"aws": ("pulumi", "pulumi_aws"), "gcp": ("pulumi", "pulumi_gcp")}
 PASSPHRASE_BYTES = 32
 ERROR_TAIL_LINES = 15  # lines of pulumi's stderr carried into our error message
 Output = Callable[[str], Any]
@@ -103,6 +107,23 @@ def require_pulumi_cli() -> str:
     if path is None:
         raise PulumiCliMissingError(f"the pulumi CLI is not on PATH; {PULUMI_INSTALL_HINT}")
     return path
+
+
+def require_cloud_packages(cloud: str, programs: bool = True) -> None:
+    """A clear error naming the extra to install when the cloud path's Python packages are missing (the cloud's
+    clients; with `programs`, the Pulumi SDKs the program needs too)."""
+    wanted = (*(PULUMI_SDKS.get(cloud, ()) if programs else ()), *CLOUD_CLIENTS.get(cloud, ()))
+    missing = [name for name in wanted if not _importable(name)]
+    if missing:
+        raise CloudPackagesMissingError(f"{cloud} clusters need {', '.join(missing)}, which this install lacks; "
+                                        "install them with: pip install 'gpuforge[cloud]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+        return False
 
 
 def backend_url(state_dir: Path) -> str:
