@@ -253,3 +253,13 @@ def test_a_quota_hit_while_creating_is_told_apart_from_capacity(gcp, capsys, tmp
     assert up.code == 1 and "GPUS_ALL_REGIONS" in up.err and "quota, not for capacity" in up.err
     assert "trying" not in up.out
     assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
+
+
+def test_a_type_sold_only_as_spot_is_refused_without_spot_before_anything(gcp, capsys, tmp_path):
+    """A3 High with 1, 2 or 4 GPUs is sold only as Spot or Flex-start VMs (GCE accelerator-optimized machines)."""
+    gce, _, engines = gcp
+    up = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
+                  "a3-highgpu-4g", "--yes")
+    assert up.code == 1 and "a3-highgpu-4g is sold only as Spot (or Flex-start) VMs; add --spot" in up.err, up.err
+    assert not engines.all_steps() and gce.names("networks") == {"default"}
+    assert not (tmp_path / "home" / "clusters" / "demo").exists()
