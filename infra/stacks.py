@@ -10,7 +10,8 @@ the Automation API runs `infra.__main__.run` inline, in this process, so `gpufor
 install in any folder (no checkout, no Pulumi.yaml beside the code, no virtualenv for the CLI to find). The project
 (name `gpuforge`, as in the repo's Pulumi.yaml, so both drive the same stacks under one backend) and the stack's
 config file (Pulumi.<stack>.yaml) live in `<state_dir>/pulumi/project`. The stack's name is the cluster's name and
-its config is set from the spec.
+its config is set from the spec. The engine fetches the aws/gcp provider plugins on first use, for inline programs as
+for others (Pulumi's Automation API docs, "Plugins"), at the versions of the installed pulumi_aws/pulumi_gcp.
 
 The engine is a seam: `ENGINE_FACTORY(state_dir)` gives the object that runs the program. In production it is
 `AutomationEngine` (Pulumi's Automation API over the CLI). The lifecycle tests put a stand-in there that runs the same
