@@ -61,8 +61,9 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
              roll_image: bool = False) -> Any:
     """Create or update a cloud cluster (see the module docstring); returns its ClusterInfo."""
     from infra.spec import ClusterSpec
-    from infra.stacks import engine_for, stack_config
+    from infra.stacks import engine_for, require_cloud_packages, stack_config
 
+    require_cloud_packages(cloud)  # a plain `pip install gpuforge`: one line naming the extra, before anything
     name = name or f"{cloud}-gpu"
     state = inventory.cluster_dir(home, name)
     known = registry.load(home, name)
