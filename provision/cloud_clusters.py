@@ -26,7 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from infra.autostop import describe
 from infra.errors import CapacityError, QuotaError, StackError
 from infra.power import with_addresses
 from provision import data, inventory, registry
@@ -134,7 +133,6 @@ def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dic
     ask(out, "create it?" if not existing else "apply it?", yes)
     started = start_stopped_nodes(spec.name, state, out) if existing_nodes else {}
     info = with_addresses(up_in_zones(spec, plan.zones, state, out, first_up=not existing_nodes), started)
-    out.print(f"{describe(spec.autostop, spec.autodown)} (`--autostop off` turns it off; `fab setup` installs it)")
     registry.save(home, registration.with_state(registry.READY, zone=info.extra.get("zone", ""),
                                                 region=info.region))
     return inventory.register(home, info)

@@ -32,7 +32,10 @@ def print_cluster(cluster: ClusterInfo) -> None:
                       f"{n.gpu_count} x {n.gpu_model}" if n.gpu_count else "-", n.workdir)
     out = console()
     out.print(table)
-    out.print(f"storage: {cluster.storage_url or '-'}; selected. Next: `fab setup`")
+    from provision.autostop import setting
+
+    idle = "" if cluster.cloud == "hosts" else f"{setting(cluster)}; "
+    out.print(f"storage: {cluster.storage_url or '-'}; {idle}selected. Next: `fab setup`")
 
 
 def print_clusters(home: Path) -> None:
