@@ -53,3 +53,14 @@ def test_stopped_vms_keep_their_disks_and_up_starts_them_again(gcp, capsys, tmp_
     assert {n: vm["status"] for n, vm in now.items()} == {"demo-0": "RUNNING", "demo-1": "RUNNING"}
     assert {n: vm["id"] for n, vm in now.items()} == {n: vm["id"] for n, vm in first.items()}
     assert {name: [d.get("source") for d in vm.get("disks", [])] for name, vm in now.items()} == disks
+
+    # autodown: GCE has no setting that deletes a VM on a guest shutdown, so the VMs stop as before, and the
+    # controller's next look removes the rest, as `down` does
+    autodown = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--autodown", "--yes")
+    assert autodown.code == 0, autodown.text
+    assert {op for op, _, _ in engines.last_steps()} == {"same"}  # nothing in the program changes for it
+    for vm in vms(gce, cluster_id).values():
+        vm["status"] = "TERMINATED"
+    listing = gpuforge(capsys, "clusters")
+    assert "every node of autodown cluster demo has gone: removing the rest of it" in listing.out, listing.text
+    assert vms(gce, cluster_id) == {} and not (home / "clusters" / "demo" / "cluster.json").exists()
