@@ -31,7 +31,7 @@ LOCAL_SESSION_MIN_S = 1.0
 UNIT = """\
 [Unit]
 Description=gpuforge autostop: stop this node when no run and no SSH session has been active for a while
-After=network-online.target sshd.service
+After=network-online.target ssh.service
 
 [Service]
 Type=simple
