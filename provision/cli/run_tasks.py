@@ -105,14 +105,13 @@ def exit_status(status) -> int:
 def status(c, run=None, cluster=None):
     """Show the nodes (running or stopped, time left before autostop) and a run's state per node: alive, finished or
     failed (which rank, exit code, error), last step and loss."""
+    from provision.autostop import finish_autodown
     from workloads.launch import run_status
     from workloads.runs import list_runs
 
     home = inventory.home_dir()
     with cli.user_errors():
         chosen = inventory.resolve(home, cluster)
-        from provision.autostop import finish_autodown
-
         if finish_autodown(home, chosen):
             return
         report.print_autostop(chosen)
