@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import CapacityError, QuotaError, StackError
+from infra.power import with_addresses
 from provision import data, inventory, registry
 from provision.errors import InventoryError, ProvisionError
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("nodes", "instance_type", "accelerator", "region", "zone", "spot", "disk_gb", "os", "ssh_cidrs", "project",
-          "image")
+          "image", "autostop", "autodown")
 
 
 def console() -> Any:
@@ -130,10 +131,23 @@ def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dic
     for kept in registry.kept_data(home, spec.name):
         out.print(f"an earlier cluster {spec.name}'s data is still kept: {kept.describe()}")
     ask(out, "create it?" if not existing else "apply it?", yes)
-    info = up_in_zones(spec, plan.zones, state, out, first_up=not existing_nodes)
+    started = start_stopped_nodes(spec.name, state, out) if existing_nodes else {}
+    info = with_addresses(up_in_zones(spec, plan.zones, state, out, first_up=not existing_nodes), started)
     registry.save(home, registration.with_state(registry.READY, zone=info.extra.get("zone", ""),
                                                 region=info.region))
     return inventory.register(home, info)
+
+
+def start_stopped_nodes(name: str, state: Path, out: Any) -> dict[str, str]:
+    """A later `up` of a cluster whose nodes autostop stopped: start them (same disks); their new public addresses."""
+    from infra.power import start_stopped
+    from infra.stacks import cluster_from_outputs, stack_outputs
+
+    started = cloud_call("starting the stopped nodes", lambda: start_stopped(
+        cluster_from_outputs(stack_outputs(name, state))))
+    if started:
+        out.print(f"started {len(started)} stopped node(s): {', '.join(started)} (same disks, same data)")
+    return started
 
 
 def cloud_call(what: str, call: Any) -> Any:
