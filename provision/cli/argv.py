@@ -37,7 +37,7 @@ VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r
                "--dest", "-d", "-t", "--name", "--cloud", "--instance-type", "--accelerator", "--region", "--zone",
                "--disk-gb", "--os", "--ssh-cidr", "--project", "--hosts", "--keep", "--base-image", "--subnet-id",
                "--security-group-id", "--max-ship-mb", "-v", "-m", "--image", "--network", "--subnetwork",
-               "--port", "-p", "--kind", "-k", "--max-batch", "--local-port", "-l"}
+               "--port", "-p", "--kind", "-k", "--max-batch", "--local-port", "-l", "--autostop"}
 
 
 def adopt_fab_argv(collection: Any = None) -> None:
