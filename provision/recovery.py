@@ -86,9 +86,11 @@ def bring_back(cluster: ClusterInfo, home: Path, out: Callable[[str], None]) -> 
             restart_node(cluster, rank)
         return cluster
     if cluster.cloud in ("aws", "gcp"):
+        from infra.stacks import refresh_stack
         from provision.cloud_clusters import up_cloud
 
         out(f"bringing the {cluster.cloud} stack up again (replaces lost instances)")
+        refresh_stack(cluster.name, inventory.cluster_dir(home, cluster.name), on_output=lambda line: None)
         up_cloud(home, cluster.cloud, cluster.name, {}, yes=True)
         return inventory.resolve(home, cluster.name)
     deadline = time.monotonic() + HOST_WAIT_S
