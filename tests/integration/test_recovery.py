@@ -4,17 +4,16 @@ same parameters, bitwise, as an uninterrupted run; a script that raises is not r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from infra.local import create_local_cluster, destroy_local_cluster, kill_node, our_processes
 from provision.recovery import follow_with_recovery
 from provision.setup import setup_cluster
+from tests.integration.test_train import state_sha
 from tests.support import TINY_CONVNET
 from workloads.launch import RunSpec, fetch_run, start_run
 from workloads.runs import load_record
@@ -35,14 +34,6 @@ def cluster(home):
     yield c
     destroy_local_cluster(Path(c.state_dir))
     assert not our_processes(Path(c.state_dir))
-
-
-def state_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    for key, value in torch.load(path, weights_only=True).items():
-        h.update(key.encode())
-        h.update(value.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def checkpoints(cluster, run_id) -> list[int]:
