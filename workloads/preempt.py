@@ -16,7 +16,7 @@ What the services answer (their documented rules, which the stand-ins in tests/f
   holds the request until the value changes, so the notice arrives at once without polling.
 
 The signal: the supervisor starts the run's processes with SIGUSR1 ignored (so torchrun and a plain
-script are not killed by it) and, on notice, sends SIGUSR1 to the run's process group; our trainer
+script are not killed by it) and, on notice, sends SIGUSR1 to every process of the run (torchrun's workers are in sessions of their own); our trainer
 installs a handler (workloads/trainer.py) that saves a complete checkpoint at the next step and exits
 with PREEMPTED_EXIT, after writing PREEMPTED_MARKER in the node's run folder: the node's state is then
 "preempted", not "failed".

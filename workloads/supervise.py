@@ -172,10 +172,11 @@ class Supervisor:
         self.status["notice"] = why
         self.status["notice_time"] = time.time()
         self.save()
-        try:
-            os.killpg(self.proc.pid, signal.SIGUSR1)  # the trainer saves a checkpoint now, then exits "preempted"
-        except ProcessLookupError:
-            pass
+        for pid in process_tree(self.proc.pid):  # torchrun starts its workers in sessions of their own
+            try:
+                os.kill(pid, signal.SIGUSR1)  # the trainer saves a checkpoint now, then exits "preempted"
+            except ProcessLookupError:
+                pass
 
     def preemption(self) -> dict | None:
         """What the trainer wrote after its notice checkpoint, or the notice alone (a script that ignored it)."""
@@ -284,6 +285,25 @@ class Supervisor:
             if self.outputs is not None and time.time() - self.last_outputs_sync > float(self.spec["outputs"]["every"]):
                 self.sync_outputs()
             time.sleep(POLL_S)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (Linux /proc), whatever session or group they moved to."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
 
 
 def pump_redacted(source, out, redactor: Redactor) -> None:

@@ -101,3 +101,38 @@ def test_recover_n_is_honoured(cluster, home, tmp_path):
     assert status.state == "failed"
     assert record["attempt"] == 3 and [r["kind"] for r in record["recoveries"]] == ["peer-loss", "peer-loss"]
     assert any("all 2 recoveries used" in line for line in lines)
+
+
+def test_a_preempted_run_saves_on_notice_and_is_recovered_from_that_checkpoint(cluster, home, monkeypatch):
+    """Spot nodes (their supervisors pointed at the AWS metadata stand-in): the notice stops the run "preempted"
+    with a checkpoint of the step it came at, and recovery resumes from exactly that step."""
+    import threading
+
+    from tests.fakes.metadata import FakeAwsMetadata
+    from workloads.launch import METADATA_URL_ENV
+
+    with FakeAwsMetadata() as imds:
+        monkeypatch.setenv(METADATA_URL_ENV, f"aws={imds.url}")
+        args = [*JOB, "max_steps=60", "ckpt_every=100"]  # no periodic checkpoint: only the notice's
+        start_run(cluster, RunSpec(job="convnet-digits", nodes=2, run_id="spot", args=args,
+                                   storage_url=cluster.storage_url), home)
+        progress = Path(cluster.node(1).workdir) / "runs" / "spot" / "progress.json"
+        deadline = time.monotonic() + 120
+        while not (progress.exists() and json.loads(progress.read_text() or "{}").get("step", 0) >= 3):
+            assert time.monotonic() < deadline, "no training in time"
+            time.sleep(0.1)
+        imds.notice("terminate")
+
+        def replaced() -> None:  # the instance that comes back has no notice pending
+            while not checkpoints(cluster, "spot"):
+                time.sleep(0.05)
+            imds.action = None
+
+        threading.Thread(target=replaced, daemon=True).start()
+        lines: list[str] = []
+        status = follow_with_recovery(cluster, home, "spot", 1, out=lines.append, poll=0.3, timeout=180)
+    assert status.state == "succeeded", ([(n.node, n.state, n.reason) for n in status.nodes], lines)
+    assert load_record(home, cluster, "spot")["recoveries"], lines
+    recovery = load_record(home, cluster, "spot")["recoveries"][0]
+    assert recovery["kind"] == "preempted" and "AWS spot interruption: terminate" in recovery["why"]
+    assert 3 <= recovery["resumed_from_step"] < 60 and recovery["steps_lost"] in (0, None)
