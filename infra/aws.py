@@ -381,7 +381,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
         def build(values: list[Any]) -> dict[str, Any]:
             bucket_name, image, *ips = values
             pairs = list(zip(ips[0::2], ips[1::2], strict=True))
-            info = self._spec.cluster_info(pairs, f"s3://{bucket_name}", extra={"image": image})
+            info = self._spec.cluster_info(pairs, f"s3://{bucket_name}", extra={"image": image, "spot": self._spec.spot})
             return info.to_dict()
 
         return pulumi.Output.all(bucket, self.image, *flat).apply(build)

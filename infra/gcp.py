@@ -257,6 +257,6 @@ class GcpGpuCluster(pulumi.ComponentResource):
         def build(values: list[Any]) -> dict[str, Any]:
             bucket_name, image, *ips = values
             pairs = list(zip(ips[0::2], ips[1::2], strict=True))
-            return self._spec.cluster_info(pairs, f"gs://{bucket_name}", extra={"image": image}).to_dict()
+            return self._spec.cluster_info(pairs, f"gs://{bucket_name}", extra={"image": image, "spot": self._spec.spot}).to_dict()
 
         return pulumi.Output.all(bucket, self.image, *flat).apply(build)

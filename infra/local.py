@@ -11,6 +11,7 @@ cluster's state dir, and teardown kills exactly the processes that reference it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -242,6 +243,25 @@ def stop_node(cluster: ClusterInfo, rank: int) -> bool:
         grew = bool(new)
     kill_pids(sorted(doomed))
     return bool(listeners)
+
+
+def kill_node(cluster: ClusterInfo, rank: int) -> int:
+    """Lose a node as a machine is lost (preempted, powered off): its sshd, its sessions, and at once (SIGKILL)
+    every process it runs, found by the node's folder in their command line or working dir; how many died."""
+    stop_node(cluster, rank)
+    marker = str(Path(cluster.node(rank).workdir).resolve())
+    doomed = []
+    for pid, cmd in our_processes(Path(cluster.state_dir)):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd == marker or cwd.startswith(marker + "/") or any(marker + "/" in part for part in cmd):
+            doomed.append(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(doomed)
 
 
 def parent_pid(pid: int) -> int:

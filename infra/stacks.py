@@ -98,6 +98,7 @@ class StackEngine(Protocol):
     def up(self, stack: str, config: Mapping[str, str], on_output: Output) -> dict[str, Any]: ...
     def preview(self, stack: str, config: Mapping[str, str], on_output: Output) -> Preview: ...
     def destroy(self, stack: str, on_output: Output) -> None: ...
+    def refresh(self, stack: str, on_output: Output) -> None: ...  # the state made to match the cloud (gone = dropped)
     def outputs(self, stack: str) -> dict[str, Any]: ...
     def recorded(self, stack: str) -> list[Recorded]: ...
 
@@ -269,6 +270,14 @@ class AutomationEngine:
         except auto.CommandError as exc:
             raise StackError(f"pulumi destroy failed for stack {stack!r}: {_tail(exc)}") from exc
 
+    def refresh(self, stack: str, on_output: Output) -> None:
+        from pulumi import automation as auto
+
+        try:
+            self._stack(stack, create=False).refresh(on_output=on_output)
+        except auto.CommandError as exc:
+            raise StackError(f"pulumi refresh failed for stack {stack!r}: {_tail(exc)}") from exc
+
     def outputs(self, stack: str) -> dict[str, Any]:
         from pulumi import automation as auto
 
@@ -317,6 +326,12 @@ def stack_config(name: str, state_dir: Path) -> dict[str, str]:
 def recorded_resources(name: str, state_dir: Path) -> list[Recorded]:
     engine = engine_for(state_dir)
     return engine.recorded(name) if engine.exists(name) else []
+
+
+def refresh_stack(name: str, state_dir: Path, on_output: Output = print) -> None:
+    """Read what the stack's resources are in the cloud: a lost instance (terminated, preempted) leaves the state,
+    so the next up creates it again (`pulumi up` alone would not look)."""
+    engine_for(state_dir).refresh(name, on_output)
 
 
 def destroy_stack(name: str, cloud: str, state_dir: Path, on_output: Output = print) -> None:

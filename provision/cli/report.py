@@ -16,7 +16,8 @@ from infra.cluster import ClusterInfo
 from provision.runner import CHANGED, FAILED, PLANNED, SKIPPED, UNCHANGED, NodeReport
 
 STYLE = {CHANGED: "green", UNCHANGED: "dim", SKIPPED: "yellow", FAILED: "bold red", PLANNED: "cyan",
-         "succeeded": "green", "failed": "bold red", "stopped": "red", "cancelled": "yellow", "running": "cyan"}
+         "succeeded": "green", "failed": "bold red", "stopped": "red", "cancelled": "yellow", "running": "cyan",
+         "preempted": "yellow", "dead": "red", "unreachable": "red"}
 
 
 def console() -> Console:
@@ -190,10 +191,35 @@ def print_status(status: Any) -> None:
     console().print(table)
 
 
+def print_recoveries(record: dict[str, Any]) -> None:
+    """The run's recoveries (provision/recovery.py): when, which node, why, steps lost, seconds per phase."""
+    import time
+
+    recoveries = record.get("recoveries") or []
+    if not recoveries:
+        return
+    table = Table(title=f"recoveries of run {record['spec']['run_id']}")
+    for col in ("when", "node", "why", "resumed from", "steps lost", "seconds (detect/back/setup/restart)"):
+        table.add_column(col)
+    for r in recoveries:
+        sec = r.get("seconds", {})
+        phases = "/".join(f"{sec.get(k, 0):.1f}" for k in ("detection", "node_back", "setup", "restart"))
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), ", ".join(r["nodes"]),
+                      escape(f"{r['kind']}: {r['why']}"[:120]),
+                      "-" if r.get("resumed_from_step") is None else f"step {r['resumed_from_step']}",
+                      "-" if r.get("steps_lost") is None else str(r["steps_lost"]), phases)
+    console().print(table)
+
+
 def print_run_end(cluster: ClusterInfo, status: Any) -> None:
     out = console()
     if status.state == "succeeded":
         out.print(f"run {status.run_id} [green]succeeded[/] on {len(status.nodes)} node(s); `gpuforge fetch {status.run_id}`")
+        return
+    if status.state == "preempted":
+        noticed = [n for n in status.nodes if n.state == "preempted"]
+        out.print(f"run {status.run_id} [yellow]preempted[/]: {escape(noticed[0].reason)}; "
+                  f"`gpuforge train --resume --run-id {status.run_id}` continues from its last checkpoint")
         return
     culprit = status.culprit
     if culprit is not None:

@@ -205,6 +205,14 @@ class AwsCloud(CloudTranslator):
             TagSpecifications=spec_tags("launch-template", self.tags(res, p)))["LaunchTemplate"]
         return template["LaunchTemplateId"], {**res.inputs, "name": name, "latestVersion": 1, "defaultVersion": 1}
 
+    def exists(self, res: Resource, p: dict) -> bool:
+        """For refresh: an instance terminated (or terminating) is gone, as the provider's Read finds it."""
+        if res.type != "aws:ec2/instance:Instance":
+            return True
+        found = self.client("ec2", p).describe_instances(InstanceIds=[res.id])["Reservations"]
+        state = found[0]["Instances"][0]["State"]["Name"] if found else "terminated"
+        return state not in ("shutting-down", "terminated")
+
     def create_instance(self, res: Resource, p: dict) -> tuple[str, dict]:
         ec2 = self.client("ec2", p)
         inputs = res.inputs

@@ -351,3 +351,35 @@ def test_down_with_checkpoints_in_the_bucket_succeeds_and_keeps_them(aws, capsys
     assert session.client("s3").get_object(Bucket=bucket, Key="runs/r1/step-3/model.pt")["Body"].read() == b"x" * 2048
     assert f"s3://{bucket} (1 object version(s), 2.0 KB)" in " ".join(down.out.split())
     assert running_nodes(session) == {}
+
+
+def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, tmp_path):
+    """A spot node reclaimed (terminated in moto): recovery's bring_back refreshes the stack and brings it up again,
+    which creates that node's instance anew, in the zone it was in; the other node is untouched."""
+    from provision import inventory
+    from provision.recovery import bring_back
+
+    session, _ = aws
+    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
+    assert gpuforge(capsys, *UP).code == 0
+    home = tmp_path / "home"
+    cluster_id = registration(home)["cluster_id"]
+    before = live_instances(session, cluster_id)
+    ec2 = session.client("ec2")
+    zone_of = {i["InstanceId"]: i["Placement"]["AvailabilityZone"]
+               for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]}
+    lost_name = sorted(before)[1]
+    ec2.terminate_instances(InstanceIds=[before[lost_name]])
+    assert lost_name not in live_instances(session, cluster_id)
+
+    lines: list[str] = []
+    cluster = bring_back(inventory.resolve(home, "demo"), home, lines.append)
+    after = live_instances(session, cluster_id)
+    assert set(after) == set(before) and after[lost_name] != before[lost_name]
+    others = [name for name in before if name != lost_name]
+    assert all(after[name] == before[name] for name in others), "the healthy node must not be replaced"
+    new_zone = next(i["Placement"]["AvailabilityZone"] for r in ec2.describe_instances(
+        InstanceIds=[after[lost_name]])["Reservations"] for i in r["Instances"])
+    assert new_zone == zone_of[before[lost_name]]
+    assert len(cluster.nodes) == 2
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0

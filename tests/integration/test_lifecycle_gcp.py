@@ -263,3 +263,28 @@ def test_a_type_sold_only_as_spot_is_refused_without_spot_before_anything(gcp, c
     assert up.code == 1 and "a3-highgpu-4g is sold only as Spot (or Flex-start) VMs; add --spot" in up.err, up.err
     assert not engines.all_steps() and gce.names("networks") == {"default"}
     assert not (tmp_path / "home" / "clusters" / "demo").exists()
+
+
+def test_recovery_replaces_a_deleted_instance_in_the_same_zone(gcp, capsys, tmp_path):
+    """A node's VM gone (deleted in the fake Compute endpoint): recovery's bring_back refreshes the stack and brings
+    it up again, which creates that VM anew in its zone; the other node stays as it was."""
+    from provision import inventory
+    from provision.recovery import bring_back
+
+    gce, _, _ = gcp
+    bake_image(gce, "gpuforge-a100-1", "2026-11-01T00:00:00.000-00:00")
+    assert gpuforge(capsys, *UP).code == 0
+    home = tmp_path / "home"
+    before = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
+    lost = sorted(before)[1]
+    with gce.lock:  # gone at once, as a VM Google deleted (the API's delete would need its operation polled)
+        del gce.store["instances"][(PROJECT, before[lost][0])][lost]
+    assert lost not in gce.names("instances")
+
+    cluster = bring_back(inventory.resolve(home, "demo"), home, lambda line: None)
+    after = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
+    assert set(after) == set(before) and after[lost][1] != before[lost][1]
+    assert after[lost][0] == before[lost][0], "the new VM is in the lost one's zone"
+    assert all(after[n] == before[n] for n in before if n != lost), "the healthy node must not be replaced"
+    assert len(cluster.nodes) == 2
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0

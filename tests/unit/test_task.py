@@ -40,6 +40,11 @@ def test_a_full_task_file_loads(tmp_path):
     assert task.outputs.path == "out" and task.outputs.every == 60
 
 
+def test_recovery_is_read_and_defaults_to_none(tmp_path):
+    assert load_task(task_file(tmp_path, "run: x\nrecovery: 3\n"))[0].recovery == 3
+    assert load_task(task_file(tmp_path, "run: x\n", name="other.yaml"))[0].recovery == 0
+
+
 def test_the_name_defaults_to_the_file_name_and_nodes_to_one(tmp_path):
     task, _ = load_task(task_file(tmp_path, "run: python x.py\n", name="My_Job.yaml"))
     assert task.name == "my-job" and task.nodes == 1 and task.outputs is None
@@ -66,6 +71,7 @@ def test_the_name_defaults_to_the_file_name_and_nodes_to_one(tmp_path):
         ("run: x\noutputs: ../elsewhere\n", ["outputs.path: must be a folder inside the run's working directory"]),
         ("run: x\noutputs: {path: out, every: 0}\n", ["outputs.every: Input should be greater than 0"]),
         ("run: x\nworkdir: nope\n", ["workdir nope"]),
+        ("run: x\nrecovery: -1\n", ["recovery: Input should be greater than or equal to 0; got -1"]),
         ("script: missing.py\n", ["script missing.py is not a file in the workdir"]),
         ("- run: x\n", ["a task file is a YAML mapping"]),
         ("run: [\n", ["not readable YAML"]),
