@@ -251,23 +251,34 @@ def test_the_secrets_file_is_0600_from_its_creation(cluster, tmp_path):
         Path(path).unlink(missing_ok=True)
 
 
+# Rank 1 breaks and takes a few seconds to end its process (as a rank does whose exception unwinds through
+# teardown); rank 0 fails first, only because its peer went away. Named must be rank 1, its code and its error.
 CRASH = '''
-import sys
+import sys, time, traceback
 import torch.distributed as dist
 dist.init_process_group("gloo")
 if dist.get_rank() == 1:
-    raise SystemExit(3)
+    dist.destroy_process_group()
+    try:
+        raise ValueError("lr must be > 0, got -1")
+    except ValueError:
+        traceback.print_exc()
+    time.sleep(4)
+    sys.exit(3)
 dist.barrier()
 '''
 
 
-def test_a_failed_script_reports_its_own_exit_code_rank_and_node(cluster, home, tmp_path):
+def test_a_failed_script_reports_its_own_exit_code_rank_node_and_error(cluster, home, tmp_path):
+    """Regression (issue 10, defect 3): a script that exits 3 was reported as "exit code 1" on the wrong node
+    (the node whose rank lost its peer first)."""
     (tmp_path / "crash.py").write_text(CRASH)
     res = gpuforge(home, tmp_path, "train", "--cluster", "tk", "--script", "crash.py", "--run-id", "crash-1", "--follow")
     assert res.returncode == 3, res.stdout + res.stderr
-    assert f"run crash-1 failed on node-1 ({cluster.node(1).address}): rank 1 (local rank 0) exited with code 3" in res.stdout
+    said = "rank 1 (local rank 0) exited with code 3: ValueError: lr must be > 0, got -1"
+    assert f"run crash-1 failed on node-1 ({cluster.node(1).address}): {said}" in res.stdout, res.stdout[-3000:]
     status = gpuforge(home, tmp_path, "status", "crash-1", "--cluster", "tk")
-    assert "failed on node-1" in status.stdout and "rank 1 (local rank 0) exited with code 3" in status.stdout
+    assert f"run crash-1 failed on node-1 ({cluster.node(1).address}): {said}" in status.stdout, status.stdout
 
 
 def test_a_succeeded_script_leaves_no_traceback_in_its_logs(cluster, home, tmp_path):
