@@ -215,12 +215,12 @@ def test_a_plain_single_process_script_with_a_secret_and_env_overrides(cluster, 
     logs = gpuforge(home, project, "logs", "plain-1")
     status = gpuforge(home, project, "status", "plain-1")
     assert "*****" in logs.stdout and SECRET not in logs.stdout + status.stdout + res.stdout + res.stderr
-    fetched = gpuforge(home, tmp_path, "fetch", "plain-1", "--dest", "fetched")
-    data = json.loads((tmp_path / "fetched" / "plain-1" / "outputs" / "result.json").read_text())
+    fetched = gpuforge(home, project, "fetch", "plain-1")  # into ./runs of the folder the task ships
+    data = json.loads((project / "runs" / "plain-1" / "outputs" / "result.json").read_text())
     assert data == {"token": secret_sha(), "in_cmdlines": [], "greeting": "hi", "rank_vars": []}, fetched.stdout
-    assert_secret_nowhere(home, tmp_path / "fetched")
+    assert_secret_nowhere(home, project / "runs")
 
-    # the same task again: setup and code unchanged, nothing re-run or re-shipped
+    # the same task again: setup and code unchanged (fetched results are not code), nothing re-run or re-shipped
     codes = set((Path(cluster.node(0).workdir) / "code").iterdir())
     again = gpuforge(home, project, "launch", "task.yaml", "--cluster", "tk", API_TOKEN=SECRET)
     assert again.returncode == 0 and "node-0: setup unchanged" in again.stdout, again.stdout + again.stderr
