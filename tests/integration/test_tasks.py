@@ -381,6 +381,11 @@ def test_train_list_lists_the_jobs_and_chained_tasks_work(cluster, home, tmp_pat
     assert listed.stdout.split()[0] == "seed000-cnn" and "convnet-digits" in listed.stdout
     chained = gpuforge(home, tmp_path, "use", "tk", "exec", "--", "echo", "chained")
     assert chained.returncode == 0 and "[node-0] chained" in chained.stdout, chained.stdout + chained.stderr
+    # Regression (issue 10, defect 8): doctor exited 1 on a healthy local cluster for want of cloud credentials.
+    doctor = gpuforge(home, tmp_path, "doctor", "--cluster", "tk", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+                      CLOUDSDK_CONFIG="/nonexistent")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert doctor.stdout.strip().splitlines()[-1].startswith("doctor: ready for cluster tk (local)"), doctor.stdout
 
 
 def test_launch_down_tears_the_cluster_down_when_the_run_fails_or_is_interrupted(home, tmp_path):
