@@ -244,8 +244,9 @@ class GcpGpuCluster(pulumi.ComponentResource):
         return public, nic_out.network_ip
 
     def _shutdown_options(self) -> dict[str, Any]:
-        """Instance arguments for what a VM does when its OS shuts down or it is preempted (the place for autostop).
-        None beyond `scheduling` yet."""
+        """Instance arguments for what a VM does when its OS shuts down or it is preempted. Autostop needs none: a
+        guest `poweroff` leaves a GCE VM TERMINATED (stopped, disks kept), and there is no setting that deletes it
+        instead; with autodown the controller deletes what is left when it next looks (infra/autostop.py)."""
         return {}
 
     def _cluster_output(

@@ -218,6 +218,14 @@ def restart_node(cluster: ClusterInfo, rank: int) -> None:
         proc = subprocess.Popen(node_sshd_command(cluster, rank), stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     wait_for_port(node.public_address, node.ssh_port, proc, log)
+    run_boot_scripts(Path(node.workdir))
+
+
+def run_boot_scripts(workdir: Path) -> None:
+    """What a quick node "enables" (`<workdir>/.gpuforge/boot.d/*.sh`, e.g. the autostop watcher) runs again at its
+    boot, as a VM-like node's boot.sh and a cloud node's systemd do."""
+    for script in sorted((workdir / ".gpuforge" / "boot.d").glob("*.sh")):
+        subprocess.run(["sh", str(script)], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
 
 
 def stop_node(cluster: ClusterInfo, rank: int) -> bool:

@@ -32,7 +32,10 @@ def print_cluster(cluster: ClusterInfo) -> None:
                       f"{n.gpu_count} x {n.gpu_model}" if n.gpu_count else "-", n.workdir)
     out = console()
     out.print(table)
-    out.print(f"storage: {cluster.storage_url or '-'}; selected. Next: `fab setup`")
+    from provision.autostop import setting
+
+    idle = "" if cluster.cloud == "hosts" else f"{setting(cluster)}; "
+    out.print(f"storage: {cluster.storage_url or '-'}; {idle}selected. Next: `fab setup`")
 
 
 def print_clusters(home: Path) -> None:
@@ -40,12 +43,15 @@ def print_clusters(home: Path) -> None:
 
     current = inventory.current_name(home)
     table = Table(title="clusters")
-    for col in ("", "name", "cloud", "nodes", "storage"):
+    from provision.autostop import cluster_power, setting
+
+    for col in ("", "name", "cloud", "nodes", "storage", "state", "autostop"):
         table.add_column(col)
     known = inventory.known_clusters(home)
     for name in known:
         c = inventory.resolve(home, name)
-        table.add_row("*" if name == current else "", name, c.cloud, str(len(c.nodes)), c.storage_url)
+        table.add_row("*" if name == current else "", name, c.cloud, str(len(c.nodes)), c.storage_url,
+                      cluster_power(home, c), setting(c))
     from provision import registry
 
     for name in registry.registered_names(home):
@@ -54,7 +60,7 @@ def print_clusters(home: Path) -> None:
         reg = registry.load(home, name)
         kept = registry.kept_data(home, name)
         state = f"{reg.state} ({reg.cloud})" if reg else "down, data kept"
-        table.add_row("", name, state, "-", ", ".join(d.url for d in kept) or "-")
+        table.add_row("", name, state, "-", ", ".join(d.url for d in kept) or "-", "-", "-")
     console().print(table)
 
 
@@ -161,6 +167,15 @@ def print_runs(records: list[dict[str, Any]]) -> None:
         what = spec.get("task") or spec["job"] or spec["script"] or spec.get("command", "")[:40]
         table.add_row(spec["run_id"], what, str(len(r["nodes"])), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])))
     console().print(table)
+
+
+def print_autostop(cluster: ClusterInfo) -> None:
+    """`status`: each node's state and the time left before autostop stops it."""
+    from provision.autostop import describe_nodes, setting
+
+    lines = describe_nodes(cluster)
+    if lines:
+        console().print(f"cluster {cluster.name}: {setting(cluster)}\n  " + "\n  ".join(escape(line) for line in lines))
 
 
 def print_status(status: Any) -> None:

@@ -103,13 +103,21 @@ def exit_status(status) -> int:
 
 @task(help={"run": "run id (default: the newest)", "cluster": CLUSTER_HELP})
 def status(c, run=None, cluster=None):
-    """Show a run's state per node: alive, finished or failed (which rank, exit code, error), last step and loss."""
+    """Show the nodes (running or stopped, time left before autostop) and a run's state per node: alive, finished or
+    failed (which rank, exit code, error), last step and loss."""
+    from provision.autostop import finish_autodown
     from workloads.launch import run_status
     from workloads.runs import list_runs
 
     home = inventory.home_dir()
     with cli.user_errors():
         chosen = inventory.resolve(home, cluster)
+        if finish_autodown(home, chosen):
+            return
+        report.print_autostop(chosen)
+        if run is None and not list_runs(home, chosen):
+            cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `fab train --job NAME`")
+            return
         status = run_status(chosen, home, run)
         if run is None:
             report.print_runs(list_runs(home, chosen))

@@ -216,6 +216,8 @@ class AwsCloud(CloudTranslator):
         }
         if inputs.get("instanceType"):
             params["InstanceType"] = inputs["instanceType"]
+        if inputs.get("instanceInitiatedShutdownBehavior"):
+            params["InstanceInitiatedShutdownBehavior"] = inputs["instanceInitiatedShutdownBehavior"]
         market = inputs.get("instanceMarketOptions")
         if market:
             spot = market.get("spotOptions", {})
@@ -322,6 +324,10 @@ class AwsCloud(CloudTranslator):
             number = version["LaunchTemplateVersion"]["VersionNumber"]
             ec2.modify_launch_template(LaunchTemplateId=old.id, DefaultVersion=str(number))
             return {**old.outputs, **new_inputs, "latestVersion": number, "defaultVersion": number}
+        behaviour = new_inputs.get("instanceInitiatedShutdownBehavior")
+        if old.type == "aws:ec2/instance:Instance" and behaviour != old.inputs.get("instanceInitiatedShutdownBehavior"):
+            self.client("ec2", provider).modify_instance_attribute(  # in place, as the provider does
+                InstanceId=old.id, Attribute="instanceInitiatedShutdownBehavior", Value=behaviour)
         return {**old.outputs, **new_inputs}
 
     def planned_outputs(self, typ: str, name: str, inputs: dict) -> dict:

@@ -276,8 +276,10 @@ def test_a_quota_too_small_stops_before_anything_is_created_and_names_it(aws, ca
     assert not (tmp_path / "home" / "clusters" / "demo" / "registration.json").exists()
 
 
-def test_the_elastic_ip_quota_is_checked_before_anything_for_efa_nodes(aws, capsys):
-    session, _ = aws
+def test_the_elastic_ip_quota_is_checked_before_anything_for_efa_nodes(aws, capsys, tmp_path):
+    """One Elastic IP per EFA node: 2 more with 4 of the default 5 in use stop the up before any resource exists (the
+    AllocateAddress that would fail mid-up, with AddressLimitExceeded, is never reached)."""
+    session, engines = aws
     publish_ami(session, "gpuforge-a", datetime.now(timezone.utc))
     for _ in range(4):
         session.client("ec2").allocate_address(Domain="vpc")  # 4 of the default 5 in use
@@ -285,6 +287,11 @@ def test_the_elastic_ip_quota_is_checked_before_anything_for_efa_nodes(aws, caps
     up = gpuforge(capsys, *UP)
 
     assert up.code == 1 and "L-0263D0A3" in up.err and "EC2-VPC Elastic IPs" in up.err, up.err
+    assert "need 2 Elastic IP(s), but 4 of the 5 allowed are in use" in " ".join(up.err.split()), up.err
+    assert not engines.all_steps()  # no `pulumi up` ran
+    assert session.client("ec2").describe_vpcs(Filters=[{"Name": "tag-key", "Values": ["gpuforge:cluster"]}])[
+        "Vpcs"] == []
+    assert not (tmp_path / "home" / "clusters" / "demo" / "registration.json").exists()
 
 
 def test_a_type_sold_only_as_capacity_blocks_is_refused_before_anything(aws, capsys, monkeypatch):
