@@ -1,6 +1,7 @@
 """The cloud path of `fab setup`, run for real on VM-like local nodes (infra/local_vm.py): a non-root login user
 with passwordless sudo, /opt/gpuforge created with sudo, a fresh venv with the exact torch build and the node
-lock, no controller packages. up -> setup -> setup again (nothing changes) -> a 2-node train -> down.
+lock, no controller packages. `gpuforge up --login-user` -> setup -> setup again (nothing changes) -> a 2-node
+`gpuforge train` -> `gpuforge down`, the commands the README gives for this mode.
 
 The cluster is module-scoped: its first setup (two fresh venvs with torch) is the expensive part, done once.
 """
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import create_local_cluster, destroy_local_cluster, our_processes
+from infra.cluster import ClusterInfo
+from infra.local import destroy_local_cluster, our_processes
 from infra.ssh import connect
 from provision.node_lock import lock_digest, lock_requirements
 from provision.setup import setup_cluster
 from provision.steps.base import Cmd, command_line, root_command
-from tests.support import TINY_CONVNET
+from tests.support import TINY_CONVNET, gpuforge
 from tests.vm_like import vm_home, vm_like_unavailable, vm_user
-from workloads.launch import RunSpec, follow_run, start_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(vm_like_unavailable()), reason=vm_like_unavailable())]
 FAST = [*TINY_CONVNET, "export=none", "quantize=false"]
@@ -32,11 +33,15 @@ NODE_INDEX = "node"  # the node's own pip configuration: this machine's registry
 @pytest.fixture(scope="module")
 def vm():
     with vm_user() as user, vm_home() as home:
-        cluster = create_local_cluster("vm", 2, home, login_user=user)
+        up = gpuforge(home, "up", "--name", "vm", "--nodes", "2", "--login-user", user)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = home / "clusters" / "vm"
         try:
+            cluster = ClusterInfo.load(state / "cluster.json")
             yield cluster, home, user, setup_cluster(cluster, home, pip_index=NODE_INDEX)
         finally:
-            destroy_local_cluster(Path(cluster.state_dir))
+            if state.exists():
+                destroy_local_cluster(state)
 
 
 def on_node(cluster, rank: int, command: str):
@@ -125,11 +130,9 @@ def test_a_bare_sudo_prefix_would_have_run_only_the_first_command_as_root(vm):
 
 def test_two_node_training_on_vm_like_nodes_records_its_environment(vm):
     cluster, home, *_ = vm
-    spec = RunSpec(job="convnet-digits", nodes=2, run_id="vm-both", args=[*FAST, "max_steps=4"],
-                   storage_url=cluster.storage_url)
-    start_run(cluster, spec, home)
-    status = follow_run(cluster, home, "vm-both", out=lambda text: None, poll=0.3, timeout=240)
-    assert status.state == "succeeded", [(n.node, n.reason, n.tail) for n in status.nodes]
+    res = gpuforge(home, "train", "--cluster", "vm", "--job", "convnet-digits", "--nodes", "2", "--run-id", "vm-both",
+                   "--follow", *FAST, "max_steps=4", timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     summary = json.loads((Path(cluster.state_dir) / "storage" / "runs" / "vm-both" / "summary.json").read_text())
     assert summary["world_size"] == 2
     env = summary["environment"]
@@ -170,8 +173,10 @@ def test_an_unreachable_index_fails_fast_with_what_to_do(vm):
 
 
 def test_down_leaves_no_process_and_no_node_disk(vm):
-    cluster, *_ = vm
+    cluster, home, *_ = vm
     state = Path(cluster.state_dir)
-    destroy_local_cluster(state)
+    # removing the node disks (two venvs with torch) is most of it: minutes on a busy machine's disk
+    res = gpuforge(home, "down", "--cluster", "vm", "--delete-data", "--yes", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
     assert not our_processes(state) and not state.exists()
     assert not Path("/opt/gpuforge").exists()
