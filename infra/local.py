@@ -373,5 +373,4 @@ def destroy_local_cluster(state: Path, keep_storage: bool = False) -> str:
         return f"nothing to remove at {state}"
     count = stop_processes(state)
     remove_state(state, keep_storage)
-    kept = " (its storage folder is kept)" if keep_storage and (state / "storage").exists() else ""
-    return f"stopped {count} process(es) and removed {state}{kept}"
+    return f"stopped {count} process(es) and removed {state}"  # what becomes of the storage, its caller says
