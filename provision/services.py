@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import ProvisionError
+from provision.node_lock import LOCK_NAME
 
 SERVICES_DIR = ".gpuforge/services"
 READY_TIMEOUT_S = 180.0  # JupyterLab's first start on a cold node (imports, building its settings) takes a while
@@ -77,15 +78,23 @@ def require_setup(conn: Any, node: NodeInfo) -> None:
         raise ServiceError(f"{node.name} is not set up ({node_python(node)} is missing); run `gpuforge setup` first")
 
 
-def ensure_tool(conn: Any, node: NodeInfo, module: str, say: Callable[[str], None]) -> None:
-    """Install a tool into the node's venv on first use (pip, the pin of NODE_TOOLS)."""
+def tool_install_command(node: NodeInfo, requirement: str, index_args: str = "") -> str:
+    """pip install into the node's venv, constrained by the node lock where setup wrote one (a cloud VM, a
+    hosts machine, a VM-like node): a tool never moves a locked package (torch's and the workload's)."""
+    lock = q(f"{node.workdir}/{LOCK_NAME}")
+    return (f"{q(node_python(node))} -m pip install --quiet --disable-pip-version-check --no-warn-script-location"
+            f"{index_args} $([ -f {lock} ] && echo -c {lock}) {q(requirement)}")
+
+
+def ensure_tool(conn: Any, node: NodeInfo, module: str, say: Callable[[str], None], index_args: str = "") -> None:
+    """Install a tool into the node's venv on first use (pip, the pin of NODE_TOOLS; `index_args` from
+    provision.pip_index.tool_index_args)."""
     python = q(node_python(node))
     if conn.run(f"{python} -c {q(f'import {module}')}", hide=True, warn=True).ok:
         return
     requirement = NODE_TOOLS[module]
     say(f"installing {requirement} into {node.name}'s environment (first use)")
-    result = conn.run(f"{python} -m pip install --quiet --disable-pip-version-check --no-warn-script-location "
-                      f"{q(requirement)}", hide=True, warn=True, timeout=900)
+    result = conn.run(tool_install_command(node, requirement, index_args), hide=True, warn=True, timeout=900)
     if not result.ok:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
         raise ServiceError(f"installing {requirement} on {node.name} failed:\n{tail}")

@@ -38,6 +38,14 @@ def resolve_node(cluster: Any, node: str) -> Any:
     return cluster.node(node or "0")  # ClusterError lists the nodes there are
 
 
+def tool_index(cluster: Any) -> str:
+    """The package index setup would use (GPUFORGE_PIP_INDEX, then the hosts file's pip_index) for the tools
+    installed on first use; a bad setting is one clear line before anything starts."""
+    from provision.pip_index import resolve_pip_index, tool_index_args
+
+    return tool_index_args(resolve_pip_index("", str(cluster.extra.get("pip_index") or "")))
+
+
 def shell_command(node: Any, command: str) -> str:
     """What the node's shell runs: cd to the work dir, activate the venv, then the command or a shell."""
     w = shlex.quote(node.workdir)
@@ -169,6 +177,7 @@ def jupyter(c, node="", port=0, stop=False, cluster=None):
         if stop:
             return stop_everywhere(chosen, node, "jupyter")
         target = resolve_node(chosen, node)
+        index = tool_index(chosen)
         token = secrets.token_hex(24)
         config = {"ServerApp": {"ip": "127.0.0.1", "port_retries": 0, "open_browser": False, "allow_root": True,
                                 "root_dir": target.workdir, "allow_remote_access": False},
@@ -180,7 +189,7 @@ def jupyter(c, node="", port=0, stop=False, cluster=None):
                       env={"JUPYTER_RUNTIME_DIR": service_dir(target, "jupyter") + "/runtime"})
         say(f"starting JupyterLab on {target.name} ...")
         foreground(home, chosen, target, svc, port, lambda p: f"JupyterLab: http://127.0.0.1:{p}/lab?token={token}"
-                   "\n(Ctrl-C stops it)", prepare=lambda conn: ensure_tool(conn, target, "jupyterlab", say))
+                   "\n(Ctrl-C stops it)", prepare=lambda conn: ensure_tool(conn, target, "jupyterlab", say, index))
 
 
 def run_url(home: Path, cluster: Any, run: str | None) -> tuple[str, str]:
@@ -206,10 +215,11 @@ def tensorboard(c, run=None, node="", port=0, stop=False, cluster=None):
             return stop_everywhere(chosen, node, "tensorboard")
         run_id, url = run_url(home, chosen, run)
         target = resolve_node(chosen, node)
+        index = tool_index(chosen)
         svc = Service("tensorboard", ready_path="/", what=run_id,
                       command=["{python}", "-m", "workloads.board", "--run-url", url, "--port", "{port}"])
         foreground(home, chosen, target, svc, port, lambda p: f"TensorBoard for {run_id}: http://127.0.0.1:{p}/\n(Ctrl-C stops it)",
-                   prepare=lambda conn: ensure_tool(conn, target, "tensorboard", say))
+                   prepare=lambda conn: ensure_tool(conn, target, "tensorboard", say, index))
 
 
 @task(help={"run": "run id (default: the newest) or a run's storage URL", "node": NODE_HELP,
@@ -231,6 +241,7 @@ def serve(c, run=None, node="", port=0, kind="auto", max_batch=32, stop=False, c
             raise ValueError(f"--max-batch must be >= 1; got {max_batch}")
         run_id, url = run_url(home, chosen, run)
         target = resolve_node(chosen, node)
+        index = tool_index(chosen)
         picked: dict[str, Any] = {}
 
         def prepare(conn: Any) -> None:
@@ -241,7 +252,7 @@ def serve(c, run=None, node="", port=0, kind="auto", max_batch=32, stop=False, c
             if not check.ok:
                 raise ServiceError(check.stderr.strip().removeprefix("error: ") or check.stdout.strip())
             picked.update(json.loads(check.stdout.strip().splitlines()[-1]))
-            ensure_tool(conn, target, "litserve", say)
+            ensure_tool(conn, target, "litserve", say, index)
 
         svc = Service("serve", ready_path="/health", what=run_id,
                       command=["{python}", "-m", "workloads.serve", "--run-url", url, "--kind", kind, "--port", "{port}",

@@ -1,0 +1,32 @@
+"""What a node installs beside its lock on first use (JupyterLab, LitServe, TensorBoard): constrained by the node
+lock where setup wrote one, from the package index setup would use."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.cluster import ClusterInfo, NodeInfo
+from provision.cli.dev_tasks import tool_index
+from provision.errors import ProvisionError
+from provision.services import tool_install_command
+
+NODE = NodeInfo(name="node-0", rank=0, public_address="10.0.0.1", private_address="10.0.0.1")
+
+
+def test_a_tool_is_installed_under_the_node_lock_when_the_node_has_one():
+    cmd = tool_install_command(NODE, "jupyterlab==4.6.6", " --index-url https://m.example/simple")
+    assert cmd == ("/opt/gpuforge/venv/bin/python -m pip install --quiet --disable-pip-version-check "
+                   "--no-warn-script-location --index-url https://m.example/simple "
+                   "$([ -f /opt/gpuforge/node-requirements.txt ] && echo -c /opt/gpuforge/node-requirements.txt) "
+                   "jupyterlab==4.6.6")
+
+
+def test_tools_come_from_the_index_setup_uses(monkeypatch):
+    hosts = ClusterInfo(name="h", cloud="hosts", nodes=(NODE,), extra={"pip_index": "https://h.example/simple"})
+    monkeypatch.delenv("GPUFORGE_PIP_INDEX", raising=False)
+    assert tool_index(hosts) == " --index-url https://h.example/simple"
+    monkeypatch.setenv("GPUFORGE_PIP_INDEX", "node")
+    assert tool_index(hosts) == "", "the node's own pip configuration"
+    monkeypatch.setenv("GPUFORGE_PIP_INDEX", "pypi.example")
+    with pytest.raises(ProvisionError, match="GPUFORGE_PIP_INDEX must be a package index URL"):
+        tool_index(hosts)
