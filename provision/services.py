@@ -312,3 +312,64 @@ def wait_until_stopped(conn: Any, node: NodeInfo, svc: Service, tunnel: Tunnel, 
     except KeyboardInterrupt:
         say(f"stopping {svc.name} on {node.name}")
         return 0
+
+
+# -- at `down` --------------------------------------------------------------------------------
+
+SERVER_NAMES = ("jupyter", "tensorboard", "serve")
+
+
+def stop_servers(cluster: ClusterInfo) -> list[str]:
+    """Every notebook, TensorBoard and model server on the cluster's nodes ("jupyter on node-0", ...); a node
+    that cannot be reached is passed over (it is gone, or down will say so itself)."""
+    from infra.ssh import connect
+
+    stopped = []
+    for node in cluster.nodes:
+        try:
+            conn = connect(cluster, node)
+        except Exception:  # noqa: BLE001 - unreachable: nothing of ours can be stopped there
+            continue
+        try:
+            stopped += [f"{name} on {node.name}" for prefix in SERVER_NAMES for name in services_on(conn, node, prefix)
+                        if stop_service(conn, node, name)]
+        finally:
+            conn.close()
+    return stopped
+
+
+def tunnel_pids(home: Path, cluster: ClusterInfo) -> list[int]:
+    """This machine's ssh processes that use the cluster's config: tunnels, `gpuforge ssh` shells."""
+    import os
+
+    from infra.ssh_config import cluster_config_path
+
+    config = str(cluster_config_path(home, cluster))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name == "ssh" and any(a == "-F" and b == config for a, b in zip(argv, argv[1:])):
+            pids.append(int(entry.name))
+    return pids
+
+
+def end_sessions(home: Path, cluster: ClusterInfo, servers: bool) -> list[str]:
+    """What `down` ends of a cloud or hosts cluster besides its machines (a local cluster's teardown ends every
+    process of its nodes and every ssh using its config already): with `servers`, the servers on the nodes (a
+    hosts cluster's machines keep running), then the tunnels here. Returns what it ended, for the message."""
+    import os
+    import signal
+
+    ended = stop_servers(cluster) if servers else []
+    pids = tunnel_pids(home, cluster)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return ended + ([f"{len(pids)} SSH session(s) here"] if pids else [])

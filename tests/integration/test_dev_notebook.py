@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import urllib.parse
@@ -119,6 +120,37 @@ def test_a_run_without_events_is_one_clear_line_and_nothing_keeps_running(cluste
     assert out.returncode != 0 and "has no TensorBoard events" in out.stderr
     assert "Traceback" not in out.stderr
     assert not service_procs(cluster, "workloads.board")
+
+
+def test_down_of_a_hosts_cluster_stops_its_servers_and_tunnels_and_the_machines_keep_running(cluster, home, events_run,
+                                                                                             tmp_path):
+    node = cluster.node(0)  # the user's own machine, as a hosts file names it
+    hosts = tmp_path / "lab.yaml"
+    hosts.write_text(f"user: {node.user}\nkey: {node.key_path}\nworkdir: {node.workdir}\nhosts:\n"
+                     f"  - address: {node.public_address}\n    port: {node.ssh_port}\n")
+    assert gpuforge(home, "up", "--hosts", str(hosts)).returncode == 0
+    started = []
+    try:
+        board = start_gpuforge(home, "tensorboard", events_run, "--cluster", "lab")
+        started.append(board)
+        read_until(board, r"http://127\.0\.0\.1:\d+/", timeout=120)
+        forward = start_gpuforge(home, "forward", "9", "--cluster", "lab")
+        started.append(forward)
+        read_until(forward, r"-> node-0", timeout=30)
+        out = gpuforge(home, "down", "--cluster", "lab")
+        assert out.returncode == 0, out.stderr
+        assert re.search(r"ended tensorboard on node-0, [12] SSH session\(s\) here", out.stdout), out.stdout
+        code, text = finish(board, timeout=60)  # its server stopped (or, first, its tunnel closed)
+        assert "tensorboard on node-0 stopped" in text or "closed" in text, text[-1500:]
+        code, text = finish(forward, timeout=60)
+        assert code != 0 and "tunnel to node-0 closed" in text, text[-1500:]
+        assert not service_procs(cluster, "workloads.board")
+        assert gpuforge(home, "exec", "--cluster", "nbit", "--", "true").returncode == 0, "the machine keeps running"
+    finally:
+        for proc in started:  # a failed check leaves nothing running (Ctrl-C closes what each one opened)
+            if proc.poll() is None:
+                interrupt(proc)
+        inventory.select(home, cluster.name)
 
 
 def test_down_stops_jupyterlab_and_its_tunnel(cluster, home):

@@ -59,7 +59,8 @@ def test_tensorflow_sits_beside_the_node_lock_and_torch(vm):
              if installed.get(pin.split("==")[0].lower().replace("_", "-")) != pin.split("==")[1]]
     assert not moved, f"TensorFlow's install moved locked packages: {moved}"
     assert installed["tensorflow-cpu"] == "2.21.0"
-    assert on_node(cluster, f"{VENV}/bin/python -m pip check").ok, "every installed package's requirements hold"
+    check = on_node(cluster, f"{VENV}/bin/python -m pip check")
+    assert check.ok, f"every installed package's requirements hold: {check.stdout}{check.stderr}"
     both = on_node(cluster, f"cd /opt/gpuforge && TF_CPP_MIN_LOG_LEVEL=2 {VENV}/bin/python -c "
                             "'import torch, tensorflow as tf; print(torch.__version__, tf.__version__, "
                             "float(torch.ones(2).sum()), float(tf.reduce_sum(tf.ones(2))))'")
