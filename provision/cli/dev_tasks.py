@@ -134,7 +134,8 @@ def parse_port(raw: Any, what: str, allow_zero: bool = False) -> int:
     except (TypeError, ValueError):
         value = -1
     if not (0 if allow_zero else 1) <= value <= 65535:
-        raise ValueError(f"{what} must be a port number 1..65535; got {raw!r}")
+        valid = "0..65535 (0: a free one)" if allow_zero else "1..65535"
+        raise ValueError(f"{what} must be a port number {valid}; got {raw!r}")
     return value
 
 
@@ -157,8 +158,7 @@ def stop_everywhere(cluster: Any, node: str, prefix: str) -> None:
 def foreground(home: Path, cluster: Any, node: Any, svc: Any, port: int, url, prepare=None) -> None:
     from provision.services import run_in_foreground
 
-    code = run_in_foreground(home, cluster, node, svc, parse_port(port, "--port", allow_zero=True), url, say,
-                             prepare=prepare)
+    code = run_in_foreground(home, cluster, node, svc, port, url, say, prepare=prepare)
     if code:
         raise Exit(code=code)
 
@@ -173,6 +173,7 @@ def jupyter(c, node="", port=0, stop=False, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
+        port = parse_port(port, "--port", allow_zero=True)  # before anything is looked up or started
         chosen = inventory.resolve(home, cluster)
         if stop:
             return stop_everywhere(chosen, node, "jupyter")
@@ -187,9 +188,13 @@ def jupyter(c, node="", port=0, stop=False, cluster=None):
                                "--ServerApp.port={port}"],
                       files={"jupyter_server_config.json": json.dumps(config).encode()},
                       env={"JUPYTER_RUNTIME_DIR": service_dir(target, "jupyter") + "/runtime"})
-        say(f"starting JupyterLab on {target.name} ...")
+
+        def prepare(conn: Any) -> None:  # once the local port is known to be free: a busy one is the only line
+            say(f"starting JupyterLab on {target.name} ...")
+            ensure_tool(conn, target, "jupyterlab", say, index)
+
         foreground(home, chosen, target, svc, port, lambda p: f"JupyterLab: http://127.0.0.1:{p}/lab?token={token}"
-                   "\n(Ctrl-C stops it)", prepare=lambda conn: ensure_tool(conn, target, "jupyterlab", say, index))
+                   "\n(Ctrl-C stops it)", prepare=prepare)
 
 
 def run_url(home: Path, cluster: Any, run: str | None) -> tuple[str, str]:
@@ -210,6 +215,7 @@ def tensorboard(c, run=None, node="", port=0, stop=False, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
+        port = parse_port(port, "--port", allow_zero=True)  # before anything is looked up or started
         chosen = inventory.resolve(home, cluster)
         if stop:
             return stop_everywhere(chosen, node, "tensorboard")
@@ -232,6 +238,7 @@ def serve(c, run=None, node="", port=0, kind="auto", max_batch=32, stop=False, c
 
     home = inventory.home_dir()
     with cli.user_errors():
+        port = parse_port(port, "--port", allow_zero=True)  # before anything is looked up or started
         chosen = inventory.resolve(home, cluster)
         if stop:
             return stop_everywhere(chosen, node, "serve")

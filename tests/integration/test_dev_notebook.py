@@ -122,6 +122,24 @@ def test_a_run_without_events_is_one_clear_line_and_nothing_keeps_running(cluste
     assert not service_procs(cluster, "workloads.board")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["jupyter", "--port", "70000"], "--port must be a port number 0..65535 (0: a free one); got 70000"),
+    (["jupyter", "--node", "9"], "cluster nbit has no node '9'; nodes: 0/node-0"),
+    (["jupyter", "--port", "BUSY"], "local port BUSY is in use; pick another with --port"),
+    (["tensorboard", "--port", "-1"], "--port must be a port number 0..65535 (0: a free one); got -1"),
+])
+def test_bad_input_is_one_line_and_starts_nothing(cluster, home, args, message):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = str(busy.getsockname()[1])
+        out = gpuforge(home, *[a.replace("BUSY", port) for a in args])
+    assert out.returncode != 0 and message.replace("BUSY", port) in out.stderr, out.stderr
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out.stdout + out.stderr
+    assert not service_procs(cluster, "jupyterlab") and not service_procs(cluster, "workloads.board")
+
+
 def test_down_of_a_hosts_cluster_stops_its_servers_and_tunnels_and_the_machines_keep_running(cluster, home, events_run,
                                                                                              tmp_path):
     node = cluster.node(0)  # the user's own machine, as a hosts file names it
