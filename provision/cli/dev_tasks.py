@@ -254,7 +254,8 @@ def serve(c, run=None, node="", port=0, kind="auto", max_batch=32, stop=False, c
         def prepare(conn: Any) -> None:
             import json
 
-            check = conn.run(f"{shlex.quote(node_python(target))} -m workloads.serve --check --run-url "
+            # the run first, without LitServe (a fresh node has none yet): a bad run installs nothing
+            check = conn.run(f"{shlex.quote(node_python(target))} -m workloads.serve_model --run-url "
                              f"{shlex.quote(url)} --kind {kind}", hide=True, warn=True)
             if not check.ok:
                 raise ServiceError(check.stderr.strip().removeprefix("error: ") or check.stdout.strip())
