@@ -10,7 +10,9 @@ loopback (127.0.0.1) on a free port, with its PID, port and log in `<workdir>/.g
 client with the cluster's ssh_config (`ssh -N -L 127.0.0.1:LOCAL:127.0.0.1:REMOTE <cluster>-<node>`).
 The foreground command prints the local URL and waits; Ctrl-C stops the server and the tunnel. `down`
 ends both too (a local cluster's teardown kills every process of its nodes and every ssh using its
-config; a cloud node goes away with its tunnel), and `<task> --stop` stops a server from another terminal.
+config; for a hosts cluster `end_sessions` stops the servers on its machines, which keep running, and for
+hosts and cloud clusters ends the ssh processes here that use its config), and `<task> --stop` stops a
+server from another terminal.
 """
 
 from __future__ import annotations
