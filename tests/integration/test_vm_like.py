@@ -222,13 +222,21 @@ def test_the_real_ssh_client_and_gpuforge_ssh_log_in_as_the_sudo_user(vm):
     assert ours.stdout.split() == ["/opt/gpuforge", VENV, VENV]
 
 
-def test_jupyterlab_installs_into_the_fresh_venv_as_the_login_user_and_its_kernel_runs_there(vm):
+def test_a_notebook_and_a_served_model_in_the_fresh_venv_as_the_login_user_then_down_ends_them(vm):
+    """JupyterLab and LitServe installed on first use into the fresh venv (under the lock), run as the login
+    user; a kernel imports the node's torch; then `gpuforge down` with both and a forward running."""
     from jupyter_kernel_client import JupyterKernelClient
 
     cluster, home, user, _ = vm
-    proc = start_gpuforge(home, "jupyter", "--cluster", "vm")
+    storage = Path(cluster.state_dir) / "storage"
+    res = run(train_cmd("--job", "convnet-digits", "--storage", str(storage), "--run-id", "vmfp", *FAST, "max_steps=4",
+                        "export=torch.export"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    started = []
     try:
-        url, text = read_until(proc, r"http://127\.0\.0\.1:\d+/lab\?token=\w+", timeout=600)
+        jupyter = start_gpuforge(home, "jupyter", "--cluster", "vm")
+        started.append(jupyter)
+        url, text = read_until(jupyter, r"http://127\.0\.0\.1:\d+/lab\?token=\w+", timeout=600)
         assert "installing jupyterlab==" in text
         parts = urllib.parse.urlparse(url)
         token = urllib.parse.parse_qs(parts.query)["token"][0]
@@ -243,23 +251,7 @@ def test_jupyterlab_installs_into_the_fresh_venv_as_the_login_user_and_its_kerne
                                    "cat /opt/gpuforge/.gpuforge/services/jupyter/log").stdout
         assert "jupyterlab" in seen and token not in seen, "the token is in no process list or log on the node"
         assert broken_requirements(cluster, 0) == [], "JupyterLab's install (under the lock) left the venv consistent"
-    finally:
-        if proc.poll() is None:
-            interrupt(proc)
-    assert "jupyterlab" not in on_node(cluster, 0, "ps -eo args").stdout
 
-
-def test_down_ends_the_notebook_the_model_server_and_the_tunnels(vm):
-    cluster, home, user, _ = vm
-    storage = Path(cluster.state_dir) / "storage"
-    res = run(train_cmd("--job", "convnet-digits", "--storage", str(storage), "--run-id", "vmfp", *FAST, "max_steps=4",
-                        "export=torch.export"), timeout=300)
-    assert res.returncode == 0, res.stderr
-    started = []
-    try:
-        jupyter = start_gpuforge(home, "jupyter", "--cluster", "vm")
-        started.append(jupyter)
-        read_until(jupyter, r"/lab\?token=", timeout=300)
         server = start_gpuforge(home, "serve", (storage / "runs" / "vmfp").as_uri(), "--cluster", "vm", "--node", "1")
         started.append(server)
         base, text = read_until(server, r"http://127\.0\.0\.1:\d+", timeout=600)
@@ -272,7 +264,7 @@ def test_down_ends_the_notebook_the_model_server_and_the_tunnels(vm):
         started.append(forward)
         read_until(forward, r"-> node-1", timeout=60)
         for rank, program in ((0, "jupyterlab"), (1, "workloads.serve")):
-            rows = on_node(cluster, rank, "ps -o user=,args= -e").stdout.splitlines()
+            rows = on_node(cluster, rank, "ps -o user:32=,args= -e").stdout.splitlines()
             assert any(row.split()[0] == user and program in row for row in rows), rows
 
         out = gpuforge(home, "down", "--cluster", "vm", timeout=180)
