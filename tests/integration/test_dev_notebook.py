@@ -52,39 +52,40 @@ def test_jupyterlab_runs_a_kernel_in_the_nodes_env_through_the_tunnel(cluster, h
 
     assert importlib.util.find_spec("jupyterlab") is None, "the controller has no JupyterLab: the node gets its own"
     proc = start_gpuforge(home, "jupyter")
-    url, text = read_until(proc, r"http://127\.0\.0\.1:\d+/lab\?token=\w+", timeout=300)
-    assert "installing jupyterlab==" in text, "first use installs it into the node's env"
-    node_site = list(Path(cluster.node(0).workdir, "venv", "lib").glob("python3*/site-packages/jupyterlab"))
-    assert node_site, "JupyterLab lands in the node's own venv"
-    parts = urllib.parse.urlparse(url)
-    token = urllib.parse.parse_qs(parts.query)["token"][0]
-    assert not any(token in " ".join(cmd) for _, cmd in our_processes(Path(cluster.state_dir))), \
-        "the token is in no process's command line"
-    with JupyterKernelClient(server_url=f"http://{parts.netloc}", token=token) as kernel:
-        reply = kernel.execute("import sys, torch; print(sys.prefix); torch.__version__")
-    assert reply["status"] == "ok", reply
-    printed = "".join(o.get("text", "") for o in reply["outputs"] if o["output_type"] == "stream").strip()
-    result = next(o for o in reply["outputs"] if o["output_type"] == "execute_result")["data"]["text/plain"]
-    assert printed == f"{cluster.node(0).workdir}/venv"
-    import torch
+    try:
+        url, text = read_until(proc, r"http://127\.0\.0\.1:\d+/lab\?token=\w+", timeout=300)
+        assert "installing jupyterlab==" in text, "first use installs it into the node's env"
+        node_site = list(Path(cluster.node(0).workdir, "venv", "lib").glob("python3*/site-packages/jupyterlab"))
+        assert node_site, "JupyterLab lands in the node's own venv"
+        parts = urllib.parse.urlparse(url)
+        token = urllib.parse.parse_qs(parts.query)["token"][0]
+        assert not any(token in " ".join(cmd) for _, cmd in our_processes(Path(cluster.state_dir))), \
+            "the token is in no process's command line"
+        with JupyterKernelClient(server_url=f"http://{parts.netloc}", token=token) as kernel:
+            reply = kernel.execute("import sys, torch; print(sys.prefix); torch.__version__")
+        assert reply["status"] == "ok", reply
+        printed = "".join(o.get("text", "") for o in reply["outputs"] if o["output_type"] == "stream").strip()
+        result = next(o for o in reply["outputs"] if o["output_type"] == "execute_result")["data"]["text/plain"]
+        assert printed == f"{cluster.node(0).workdir}/venv"
+        import torch
 
-    assert result == repr(torch.__version__)
-    with pytest.raises(urllib.error.HTTPError) as denied:
-        urllib.request.urlopen(f"http://{parts.netloc}/api/kernels", timeout=10)  # no token: no access
-    assert denied.value.code == 403
+        assert result == repr(torch.__version__)
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"http://{parts.netloc}/api/kernels", timeout=10)  # no token: no access
+        assert denied.value.code == 403
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by `make sysdeps`"
-    profile = tmp_path / "chromium-profile"
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert "jp-LabShell" in dom and "jp-Launcher" in dom, dom[-2000:]
-    shot = tmp_path / "lab.png"
-    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
-                    "--window-size=1280,800", f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    assert shot.stat().st_size > 20_000, "a rendered lab, not a blank page"
-
-    code, _ = interrupt(proc)
+        chromium = shutil.which("chromium")
+        assert chromium, "Debian's chromium is installed by `make sysdeps`"
+        profile = tmp_path / "chromium-profile"
+        dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
+                              "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        assert "jp-LabShell" in dom and "jp-Launcher" in dom, dom[-2000:]
+        shot = tmp_path / "lab.png"
+        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
+                        "--window-size=1280,800", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        assert shot.stat().st_size > 20_000, "a rendered lab, not a blank page"
+    finally:
+        code, _ = interrupt(proc)  # a failed check leaves no JupyterLab for the tests after it
     assert code == 0
     assert not service_procs(cluster, "jupyterlab") and not service_procs(cluster, "ipykernel")
 

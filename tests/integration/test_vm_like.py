@@ -267,7 +267,7 @@ def test_a_notebook_and_a_served_model_in_the_fresh_venv_as_the_login_user_then_
             rows = on_node(cluster, rank, "ps -o user:32=,args= -e").stdout.splitlines()
             assert any(row.split()[0] == user and program in row for row in rows), rows
 
-        out = gpuforge(home, "down", "--cluster", "vm", timeout=180)
+        out = gpuforge(home, "down", "--cluster", "vm", timeout=600)  # it deletes the node disks (two venvs, TensorFlow)
         assert out.returncode == 0, out.stderr
         for proc in started:
             code, text = finish(proc, timeout=90)
