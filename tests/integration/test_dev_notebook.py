@@ -172,11 +172,20 @@ def test_down_of_a_hosts_cluster_stops_its_servers_and_tunnels_and_the_machines_
         inventory.select(home, cluster.name)
 
 
-def test_down_stops_jupyterlab_and_its_tunnel(cluster, home):
-    proc = start_gpuforge(home, "jupyter")
-    read_until(proc, r"/lab\?token=", timeout=180)
-    out = gpuforge(home, "down")
-    assert out.returncode == 0, out.stderr
-    code, text = finish(proc, timeout=60)
-    assert code != 0 and "closed" in text
-    assert not our_processes(Path(cluster.state_dir))
+def test_down_stops_jupyterlab_and_its_tunnel_and_leaves_the_users_own_processes_on_the_storage(cluster, home,
+                                                                                               events_run):
+    storage = Path(cluster.state_dir) / "storage"
+    watcher = subprocess.Popen(["tail", "-f", str(storage / "runs" / "tb1" / "config.json")], cwd=storage,
+                               stdout=subprocess.DEVNULL)  # the user's: the storage folder outlives the cluster
+    try:
+        proc = start_gpuforge(home, "jupyter")
+        read_until(proc, r"/lab\?token=", timeout=180)
+        out = gpuforge(home, "down")
+        assert out.returncode == 0, out.stderr
+        code, text = finish(proc, timeout=60)
+        assert code != 0 and "closed" in text
+        assert not our_processes(Path(cluster.state_dir))
+        assert watcher.poll() is None, "down killed a process of the user's that only reads the kept storage"
+    finally:
+        watcher.kill()
+        watcher.wait()
