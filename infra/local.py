@@ -11,6 +11,7 @@ cluster's state dir, and teardown kills exactly the processes that reference it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -218,6 +219,14 @@ def restart_node(cluster: ClusterInfo, rank: int) -> None:
         proc = subprocess.Popen(node_sshd_command(cluster, rank), stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     wait_for_port(node.public_address, node.ssh_port, proc, log)
+    run_boot_scripts(Path(node.workdir))
+
+
+def run_boot_scripts(workdir: Path) -> None:
+    """What a quick node "enables" (`<workdir>/.gpuforge/boot.d/*.sh`, e.g. the autostop watcher) runs again at its
+    boot, as a VM-like node's boot.sh and a cloud node's systemd do."""
+    for script in sorted((workdir / ".gpuforge" / "boot.d").glob("*.sh")):
+        subprocess.run(["sh", str(script)], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
 
 
 def stop_node(cluster: ClusterInfo, rank: int) -> bool:
@@ -234,6 +243,25 @@ def stop_node(cluster: ClusterInfo, rank: int) -> bool:
         grew = bool(new)
     kill_pids(sorted(doomed))
     return bool(listeners)
+
+
+def kill_node(cluster: ClusterInfo, rank: int) -> int:
+    """Lose a node as a machine is lost (preempted, powered off): its sshd, its sessions, and at once (SIGKILL)
+    every process it runs, found by the node's folder in their command line or working dir; how many died."""
+    stop_node(cluster, rank)
+    marker = str(Path(cluster.node(rank).workdir).resolve())
+    doomed = []
+    for pid, cmd in our_processes(Path(cluster.state_dir)):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd == marker or cwd.startswith(marker + "/") or any(marker + "/" in part for part in cmd):
+            doomed.append(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(doomed)
 
 
 def parent_pid(pid: int) -> int:

@@ -18,7 +18,10 @@ from provision.errors import InventoryError, ProvisionError
 logger = logging.getLogger(__name__)
 
 
-def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> ClusterInfo:
+def create_local(home: Path, name: str, nodes: int, login_user: str = "", autostop: int | None = None,
+                 autodown: bool = False) -> ClusterInfo:
+    """A new local cluster; `up` of one that exists starts its stopped nodes (autostop) and keeps the rest. Local
+    clusters bill nothing: autostop is off unless asked (`--autostop 30s` tests the whole path in seconds)."""
     from infra.local import create_local_cluster
 
     if not inventory.NAME.match(name):
@@ -29,7 +32,16 @@ def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> Clu
         raise InventoryError(f"a cloud cluster named {name} is registered; `fab down --cluster {name}` first")
     from infra.ssh_config import write_ssh_config
 
+    if (inventory.cluster_dir(home, name) / "cluster.json").exists():
+        from provision.autostop import start_local
+
+        return start_local(home, inventory.resolve(home, name), autostop, autodown)
     cluster = create_local_cluster(name, nodes, home, login_user=login_user)
+    if autostop:
+        from provision.autostop import with_autostop
+
+        cluster = with_autostop(cluster, autostop, autodown)
+        cluster.save(Path(cluster.state_dir) / "cluster.json")
     registry.drop_data(home, name, {Path(cluster.storage_url.removeprefix("file://")).resolve().as_uri()})
     write_ssh_config(home, cluster)  # `ssh <name>-node-0`, VS Code Remote-SSH (`gpuforge ssh-config`)
     return cluster
