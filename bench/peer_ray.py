@@ -237,8 +237,10 @@ def install_node_venv(nodes, keys: Path) -> None:
     digest = hashlib.sha256(NODE_LOCK.read_bytes() + torch_spec.encode()).hexdigest()[:12]
     cached = IMAGE / f"venv-{digest}"
     if not (cached / "bin" / "python").exists():
-        ssh = ["ssh", "-i", str(keys / "id_ed25519"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-               "-o", "LogLevel=ERROR", f"{USER}@{nodes[0].address}"]
+        known = keys / "known_hosts"  # the nodes' host key, which this bench made: pinned, never unchecked
+        known.write_text(f"{nodes[0].address} {' '.join((keys / 'host_ed25519.pub').read_text().split()[:2])}\n")
+        ssh = ["ssh", "-i", str(keys / "id_ed25519"), "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
+               "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"{USER}@{nodes[0].address}"]
         wheels = f"--find-links {LOCAL_WHEELS}" if LOCAL_WHEELS.is_dir() else f"--extra-index-url {cpu_versions().torch_index_url}"
         subprocess.run([*ssh, f"python3 -m venv ~/venv && ~/venv/bin/pip install --quiet {wheels} "
                               f"-r {shlex.quote(str(NODE_LOCK))} {shlex.quote(torch_spec)}"], check=True, timeout=1800)

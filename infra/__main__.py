@@ -1,4 +1,5 @@
-"""The Pulumi program behind `pulumi up` at the repo root (Pulumi.yaml: `main: infra/`).
+"""The Pulumi program behind `pulumi up` at the repo root (Pulumi.yaml: `main: infra/`), and behind `fab up`
+(infra/stacks.py runs `run` inline through the Automation API, from a checkout or a wheel).
 
     pulumi stack init dev
     pulumi config set gpuforge:cloud aws                 # or gcp (then also: pulumi config set gcp:project ID)

@@ -28,6 +28,7 @@ import pulumi
 import pulumi_aws as aws
 
 from images.lookup import BAKED_TAG, DLAMI_PARAMETER, MODULES_TAG, OS_TAG, driver_modules
+from infra.autostop import aws_shutdown_behavior
 from infra.cluster import CLUSTER_ID_TAG, CLUSTER_TAG
 from infra.spec import ClusterSpec
 
@@ -336,13 +337,13 @@ class AwsGpuCluster(pulumi.ComponentResource):
             update_default_version=True,
             tags=tags,
             opts=self._child,
-            **self._shutdown_options(),
         )
 
     def _shutdown_options(self) -> dict[str, Any]:
-        """Launch-template arguments for what an instance does when its OS shuts down (the place for autostop:
-        e.g. `instance_initiated_shutdown_behavior`). None yet: EC2's default is to stop."""
-        return {}
+        """Instance arguments for what an instance does when its OS shuts down (autostop's idle `poweroff`): stop,
+        or terminate with autodown and on spot (infra/autostop.py). On the instance, not the launch template: EC2
+        changes it in place (ModifyInstanceAttribute), where a new template version would replace the node."""
+        return {"instance_initiated_shutdown_behavior": aws_shutdown_behavior(self._spec.autodown, self._spec.spot)}
 
     def _create_node(
         self, rank: int, template: aws.ec2.LaunchTemplate, gateway: aws.ec2.InternetGateway
@@ -360,6 +361,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
             launch_template={"id": template.id, "version": template.latest_version.apply(str)},
             instance_type=spec.instance_type,
             instance_market_options=market,
+            **self._shutdown_options(),
             tags={**self._tags, "Name": spec.node_name(rank), "gpuforge:rank": str(rank)},
             opts=self._opts(depends_on=[gateway]),
         )
@@ -379,7 +381,7 @@ class AwsGpuCluster(pulumi.ComponentResource):
         def build(values: list[Any]) -> dict[str, Any]:
             bucket_name, image, *ips = values
             pairs = list(zip(ips[0::2], ips[1::2], strict=True))
-            info = self._spec.cluster_info(pairs, f"s3://{bucket_name}", extra={"image": image})
+            info = self._spec.cluster_info(pairs, f"s3://{bucket_name}", extra={"image": image, "spot": self._spec.spot})
             return info.to_dict()
 
         return pulumi.Output.all(bucket, self.image, *flat).apply(build)

@@ -29,6 +29,10 @@ class PulumiCliMissingError(ClusterError):
     """The `pulumi` CLI that the cloud path (Automation API) drives is not installed."""
 
 
+class CloudPackagesMissingError(ClusterError):
+    """The Python packages of the `cloud` extra (Pulumi SDKs, cloud clients) are not installed."""
+
+
 class StackError(ClusterError):
     """A Pulumi stack operation failed, or a stack's outputs are not a gpuforge cluster."""
 

@@ -244,8 +244,9 @@ class GcpGpuCluster(pulumi.ComponentResource):
         return public, nic_out.network_ip
 
     def _shutdown_options(self) -> dict[str, Any]:
-        """Instance arguments for what a VM does when its OS shuts down or it is preempted (the place for autostop).
-        None beyond `scheduling` yet."""
+        """Instance arguments for what a VM does when its OS shuts down or it is preempted. Autostop needs none: a
+        guest `poweroff` leaves a GCE VM TERMINATED (stopped, disks kept), and there is no setting that deletes it
+        instead; with autodown the controller deletes what is left when it next looks (infra/autostop.py)."""
         return {}
 
     def _cluster_output(
@@ -256,6 +257,6 @@ class GcpGpuCluster(pulumi.ComponentResource):
         def build(values: list[Any]) -> dict[str, Any]:
             bucket_name, image, *ips = values
             pairs = list(zip(ips[0::2], ips[1::2], strict=True))
-            return self._spec.cluster_info(pairs, f"gs://{bucket_name}", extra={"image": image}).to_dict()
+            return self._spec.cluster_info(pairs, f"gs://{bucket_name}", extra={"image": image, "spot": self._spec.spot}).to_dict()
 
         return pulumi.Output.all(bucket, self.image, *flat).apply(build)

@@ -11,6 +11,7 @@ cluster's state dir, and teardown kills exactly the processes that reference it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -218,6 +219,14 @@ def restart_node(cluster: ClusterInfo, rank: int) -> None:
         proc = subprocess.Popen(node_sshd_command(cluster, rank), stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     wait_for_port(node.public_address, node.ssh_port, proc, log)
+    run_boot_scripts(Path(node.workdir))
+
+
+def run_boot_scripts(workdir: Path) -> None:
+    """What a quick node "enables" (`<workdir>/.gpuforge/boot.d/*.sh`, e.g. the autostop watcher) runs again at its
+    boot, as a VM-like node's boot.sh and a cloud node's systemd do."""
+    for script in sorted((workdir / ".gpuforge" / "boot.d").glob("*.sh")):
+        subprocess.run(["sh", str(script)], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
 
 
 def stop_node(cluster: ClusterInfo, rank: int) -> bool:
@@ -236,6 +245,25 @@ def stop_node(cluster: ClusterInfo, rank: int) -> bool:
     return bool(listeners)
 
 
+def kill_node(cluster: ClusterInfo, rank: int) -> int:
+    """Lose a node as a machine is lost (preempted, powered off): its sshd, its sessions, and at once (SIGKILL)
+    every process it runs, found by the node's folder in their command line or working dir; how many died."""
+    stop_node(cluster, rank)
+    marker = str(Path(cluster.node(rank).workdir).resolve())
+    doomed = []
+    for pid, cmd in our_processes(Path(cluster.state_dir)):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd == marker or cwd.startswith(marker + "/") or any(marker + "/" in part for part in cmd):
+            doomed.append(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(doomed)
+
+
 def parent_pid(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -243,9 +271,22 @@ def parent_pid(pid: int) -> int:
         return 0
 
 
+def names_state(text: str, marker: str) -> bool:
+    """`text` names a path inside the state dir other than its storage folder, which is the user's data
+    and outlives the cluster: a user's `tail -f` of a run's log there, a shell in it, or `gpuforge serve`
+    of a run there is not a process of the cluster."""
+    at = text.find(marker)
+    while at >= 0:
+        rest = text[at + len(marker):]
+        if (rest == "" and at == 0) or (rest.startswith("/") and rest != "/storage" and not rest.startswith("/storage/")):
+            return True
+        at = text.find(marker, at + 1)
+    return False
+
+
 def our_processes(state: Path) -> list[tuple[int, list[str]]]:
-    """Processes whose command line or working directory is inside this cluster's state dir:
-    its sshd daemons, and the jobs and shells running in its node directories. Nothing else."""
+    """Processes whose command line or working directory is inside this cluster's state dir (its storage
+    folder aside): its sshd daemons, and the jobs and shells running in its node directories. Nothing else."""
     marker = str(state.resolve())
     table: dict[int, tuple[int, list[str], bool]] = {}
     for entry in Path("/proc").iterdir():
@@ -257,7 +298,7 @@ def our_processes(state: Path) -> list[tuple[int, list[str]]]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        mine = any(marker + "/" in part or part == marker for part in cmd) or cwd == marker or cwd.startswith(marker + "/")
+        mine = any(names_state(part, marker) for part in cmd) or (cwd.startswith(marker) and names_state(cwd, marker))
         table[int(entry.name)] = (ppid, cmd, mine)
     owned = {pid for pid, (_, _, mine) in table.items() if mine}
     grew = True
@@ -345,5 +386,4 @@ def destroy_local_cluster(state: Path, keep_storage: bool = False) -> str:
         return f"nothing to remove at {state}"
     count = stop_processes(state)
     remove_state(state, keep_storage)
-    kept = " (its storage folder is kept)" if keep_storage and (state / "storage").exists() else ""
-    return f"stopped {count} process(es) and removed {state}{kept}"
+    return f"stopped {count} process(es) and removed {state}"  # what becomes of the storage, its caller says

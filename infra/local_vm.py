@@ -123,6 +123,8 @@ def boot_script(node_dir: Path, sshd: str, boot_hook: str) -> str:
     ]
     if boot_hook:
         lines.append(f"NODE_DIR={node_dir} {shlex.quote(boot_hook)}")
+    # what the node "enables" (the autostop watcher, /etc/gpuforge/boot.d, on its own /etc) starts at every boot
+    lines += ["for s in /etc/gpuforge/boot.d/*.sh; do [ -f \"$s\" ] && sh \"$s\" || true; done"]
     lines += [f'echo "boot $(date +%s)" >> {node_dir}/boot.log', f"exec {sshd} -D -e -f {node_dir}/sshd_config"]
     return "\n".join(lines) + "\n"
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from infra import autostop as autostop_rules
 from infra import catalog
 from infra.cluster import ClusterInfo, NodeInfo
 from infra.errors import SpecError
@@ -71,6 +72,8 @@ STACK_KEYS = {
     "image": "image",
     "os": "os",
     "clusterId": "cluster_id",
+    "autostop": "autostop",
+    "autodown": "autodown",
 }
 # Keys an earlier release took, with what replaces them.
 RETIRED_KEYS = {
@@ -131,6 +134,8 @@ class ClusterSpec(BaseModel):
     os: Literal["ubuntu-22.04", "ubuntu-24.04"] = "ubuntu-22.04"
     project: str = ""  # GCP project
     cluster_id: str = ""  # random id given at registration: tags tell this cluster from another of its name
+    autostop: int = autostop_rules.DEFAULT_S  # seconds idle before the nodes stop themselves; 0: never
+    autodown: bool = False  # terminate instead of stop (and the stack goes when the last node does)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -198,6 +203,11 @@ class ClusterSpec(BaseModel):
         if v and not CLUSTER_ID_RE.match(v):
             raise ValueError(f"cluster_id {v!r} must be 6-32 lowercase letters and digits")
         return v
+
+    @field_validator("autostop", mode="before")
+    @classmethod
+    def _parse_autostop(cls, v: Any) -> int:
+        return autostop_rules.parse_autostop(v)  # "90" minutes, "90s", "2h", "off"; ints are seconds
 
     @field_validator("project")
     @classmethod
@@ -369,6 +379,8 @@ class ClusterSpec(BaseModel):
                 "cost_per_hour": self.cost_per_hour,
                 "project": self.project,
                 "cluster_id": self.cluster_id,
+                "autostop_s": self.autostop,
+                "autodown": self.autodown,
                 **(extra or {}),
             },
         )
@@ -409,7 +421,9 @@ class ClusterSpec(BaseModel):
         out: dict[str, str] = {}
         for key, field in STACK_KEYS.items():
             value = getattr(self, field)
-            if isinstance(value, bool):
+            if field == "autostop":
+                out[f"gpuforge:{key}"] = autostop_rules.stack_value(value)
+            elif isinstance(value, bool):
                 out[f"gpuforge:{key}"] = "true" if value else "false"
             elif isinstance(value, tuple):
                 out[f"gpuforge:{key}"] = json.dumps(list(value))

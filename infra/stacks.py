@@ -5,8 +5,13 @@
     plan = preview_stack(spec, state_dir)              # what an up with this spec would change
     destroy_stack("demo", "aws", state_dir)            # pulumi destroy (the data bucket is retained), stack removed
 
-The program is the same one `pulumi up` at the repo root runs (Pulumi.yaml, `main: infra/`); the stack's name is the
-cluster's name and its config is set from the spec.
+The program is the same one `pulumi up` at the repo root runs (Pulumi.yaml, `main: infra/`), shipped in the package:
+the Automation API runs `infra.__main__.run` inline, in this process, so `gpuforge up --cloud ...` works from a wheel
+install in any folder (no checkout, no Pulumi.yaml beside the code, no virtualenv for the CLI to find). The project
+(name `gpuforge`, as in the repo's Pulumi.yaml, so both drive the same stacks under one backend) and the stack's
+config file (Pulumi.<stack>.yaml) live in `<state_dir>/pulumi/project`. The stack's name is the cluster's name and
+its config is set from the spec. The engine fetches the aws/gcp provider plugins on first use, for inline programs as
+for others (Pulumi's Automation API docs, "Plugins"), at the versions of the installed pulumi_aws/pulumi_gcp.
 
 The engine is a seam: `ENGINE_FACTORY(state_dir)` gives the object that runs the program. In production it is
 `AutomationEngine` (Pulumi's Automation API over the CLI). The lifecycle tests put a stand-in there that runs the same
@@ -23,6 +28,7 @@ gpuforge stores no secret values in config.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -34,16 +40,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from infra.cluster import ClusterInfo
-from infra.errors import ClusterError, PulumiCliMissingError, StackError
+from infra.errors import CloudPackagesMissingError, ClusterError, PulumiCliMissingError, StackError
 from infra.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # where Pulumi.yaml lives
+PROJECT_NAME = "gpuforge"  # the repo's Pulumi.yaml names the same project: one set of stacks per backend
+PROJECT_DESCRIPTION = "GPU training clusters on your own AWS or GCP account"
 PULUMI_INSTALL_HINT = (
     "install it with `curl -fsSL https://get.pulumi.com | sh` (then add ~/.pulumi/bin to PATH), "
     "or see https://www.pulumi.com/docs/iac/download-install/"
 )
+# what the cloud path imports, per cloud: the `cloud` extra of pyproject.toml (a plain `pip install gpuforge` lacks it)
+CLOUD_CLIENTS = {"aws": ("boto3",), "gcp": ("google.cloud.compute_v1", "google.cloud.storage")}
+PULUMI_SDKS = {"aws": ("pulumi", "pulumi_aws"), "gcp": ("pulumi", "pulumi_gcp")}
 PASSPHRASE_BYTES = 32
 ERROR_TAIL_LINES = 15  # lines of pulumi's stderr carried into our error message
 Output = Callable[[str], Any]
@@ -88,6 +98,7 @@ class StackEngine(Protocol):
     def up(self, stack: str, config: Mapping[str, str], on_output: Output) -> dict[str, Any]: ...
     def preview(self, stack: str, config: Mapping[str, str], on_output: Output) -> Preview: ...
     def destroy(self, stack: str, on_output: Output) -> None: ...
+    def refresh(self, stack: str, on_output: Output) -> None: ...  # the state made to match the cloud (gone = dropped)
     def outputs(self, stack: str) -> dict[str, Any]: ...
     def recorded(self, stack: str) -> list[Recorded]: ...
 
@@ -98,6 +109,23 @@ def require_pulumi_cli() -> str:
     if path is None:
         raise PulumiCliMissingError(f"the pulumi CLI is not on PATH; {PULUMI_INSTALL_HINT}")
     return path
+
+
+def require_cloud_packages(cloud: str, programs: bool = True) -> None:
+    """A clear error naming the extra to install when the cloud path's Python packages are missing (the cloud's
+    clients; with `programs`, the Pulumi SDKs the program needs too)."""
+    wanted = (*(PULUMI_SDKS.get(cloud, ()) if programs else ()), *CLOUD_CLIENTS.get(cloud, ()))
+    missing = [name for name in wanted if not _importable(name)]
+    if missing:
+        raise CloudPackagesMissingError(f"{cloud} clusters need {', '.join(missing)}, which this install lacks; "
+                                        "install them with: pip install 'gpuforge[cloud]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+        return False
 
 
 def backend_url(state_dir: Path) -> str:
@@ -124,6 +152,25 @@ def ensure_passphrase_file(path: Path) -> Path:
         fh.write(secrets.token_urlsafe(PASSPHRASE_BYTES))
     logger.info("created a Pulumi passphrase at %s; keep it with the state", path)
     return path
+
+
+def project_dir(state_dir: Path) -> Path:
+    """Where the Automation API keeps the project file and the stack's config file for the clusters of `state_dir`."""
+    return Path(state_dir) / "pulumi" / "project"
+
+
+def workspace_options(state_dir: Path) -> Any:
+    """The Automation API workspace of `state_dir`: the packaged program inline, its project, backend and secrets."""
+    from pulumi import automation as auto
+
+    from infra.__main__ import run
+
+    work = project_dir(state_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    project = auto.ProjectSettings(name=PROJECT_NAME, runtime="python", main=str(work),
+                                   description=PROJECT_DESCRIPTION)
+    return auto.LocalWorkspaceOptions(work_dir=str(work), program=run, project_settings=project,
+                                      env_vars=workspace_env(state_dir))
 
 
 def stale_config_keys(existing: Mapping[str, Any], wanted: Mapping[str, str]) -> list[str]:
@@ -154,11 +201,12 @@ class AutomationEngine:
         require_pulumi_cli()
         from pulumi import automation as auto
 
-        opts = auto.LocalWorkspaceOptions(work_dir=str(REPO_ROOT), env_vars=workspace_env(self.state_dir))
+        opts = workspace_options(self.state_dir)
         try:
             if create:
-                return auto.create_or_select_stack(stack_name=name, work_dir=str(REPO_ROOT), opts=opts)
-            return auto.select_stack(stack_name=name, work_dir=str(REPO_ROOT), opts=opts)
+                return auto.create_or_select_stack(stack_name=name, project_name=PROJECT_NAME, program=opts.program,
+                                                   opts=opts)
+            return auto.select_stack(stack_name=name, project_name=PROJECT_NAME, program=opts.program, opts=opts)
         except auto.StackNotFoundError as exc:
             raise StackError(f"no stack {name!r} in {backend_url(self.state_dir)}; `fab up` creates it") from exc
         except auto.CommandError as exc:
@@ -222,6 +270,14 @@ class AutomationEngine:
         except auto.CommandError as exc:
             raise StackError(f"pulumi destroy failed for stack {stack!r}: {_tail(exc)}") from exc
 
+    def refresh(self, stack: str, on_output: Output) -> None:
+        from pulumi import automation as auto
+
+        try:
+            self._stack(stack, create=False).refresh(on_output=on_output)
+        except auto.CommandError as exc:
+            raise StackError(f"pulumi refresh failed for stack {stack!r}: {_tail(exc)}") from exc
+
     def outputs(self, stack: str) -> dict[str, Any]:
         from pulumi import automation as auto
 
@@ -270,6 +326,12 @@ def stack_config(name: str, state_dir: Path) -> dict[str, str]:
 def recorded_resources(name: str, state_dir: Path) -> list[Recorded]:
     engine = engine_for(state_dir)
     return engine.recorded(name) if engine.exists(name) else []
+
+
+def refresh_stack(name: str, state_dir: Path, on_output: Output = print) -> None:
+    """Read what the stack's resources are in the cloud: a lost instance (terminated, preempted) leaves the state,
+    so the next up creates it again (`pulumi up` alone would not look)."""
+    engine_for(state_dir).refresh(name, on_output)
 
 
 def destroy_stack(name: str, cloud: str, state_dir: Path, on_output: Output = print) -> None:

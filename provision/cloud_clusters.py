@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import CapacityError, QuotaError, StackError
+from infra.power import with_addresses
 from provision import data, inventory, registry
 from provision.errors import InventoryError, ProvisionError
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("nodes", "instance_type", "accelerator", "region", "zone", "spot", "disk_gb", "os", "ssh_cidrs", "project",
-          "image")
+          "image", "autostop", "autodown")
 
 
 def console() -> Any:
@@ -59,8 +60,9 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
              roll_image: bool = False) -> Any:
     """Create or update a cloud cluster (see the module docstring); returns its ClusterInfo."""
     from infra.spec import ClusterSpec
-    from infra.stacks import engine_for, stack_config
+    from infra.stacks import engine_for, require_cloud_packages, stack_config
 
+    require_cloud_packages(cloud)  # a plain `pip install gpuforge`: one line naming the extra, before anything
     name = name or f"{cloud}-gpu"
     state = inventory.cluster_dir(home, name)
     known = registry.load(home, name)
@@ -129,10 +131,23 @@ def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dic
     for kept in registry.kept_data(home, spec.name):
         out.print(f"an earlier cluster {spec.name}'s data is still kept: {kept.describe()}")
     ask(out, "create it?" if not existing else "apply it?", yes)
-    info = up_in_zones(spec, plan.zones, state, out, first_up=not existing_nodes)
+    started = start_stopped_nodes(spec.name, state, out) if existing_nodes else {}
+    info = with_addresses(up_in_zones(spec, plan.zones, state, out, first_up=not existing_nodes), started)
     registry.save(home, registration.with_state(registry.READY, zone=info.extra.get("zone", ""),
                                                 region=info.region))
     return inventory.register(home, info)
+
+
+def start_stopped_nodes(name: str, state: Path, out: Any) -> dict[str, str]:
+    """A later `up` of a cluster whose nodes autostop stopped: start them (same disks); their new public addresses."""
+    from infra.power import start_stopped
+    from infra.stacks import cluster_from_outputs, stack_outputs
+
+    started = cloud_call("starting the stopped nodes", lambda: start_stopped(
+        cluster_from_outputs(stack_outputs(name, state))))
+    if started:
+        out.print(f"started {len(started)} stopped node(s): {', '.join(started)} (same disks, same data)")
+    return started
 
 
 def cloud_call(what: str, call: Any) -> Any:

@@ -18,7 +18,10 @@ from provision.errors import InventoryError, ProvisionError
 logger = logging.getLogger(__name__)
 
 
-def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> ClusterInfo:
+def create_local(home: Path, name: str, nodes: int, login_user: str = "", autostop: int | None = None,
+                 autodown: bool = False) -> ClusterInfo:
+    """A new local cluster; `up` of one that exists starts its stopped nodes (autostop) and keeps the rest. Local
+    clusters bill nothing: autostop is off unless asked (`--autostop 30s` tests the whole path in seconds)."""
     from infra.local import create_local_cluster
 
     if not inventory.NAME.match(name):
@@ -29,7 +32,16 @@ def create_local(home: Path, name: str, nodes: int, login_user: str = "") -> Clu
         raise InventoryError(f"a cloud cluster named {name} is registered; `fab down --cluster {name}` first")
     from infra.ssh_config import write_ssh_config
 
+    if (inventory.cluster_dir(home, name) / "cluster.json").exists():
+        from provision.autostop import start_local
+
+        return start_local(home, inventory.resolve(home, name), autostop, autodown)
     cluster = create_local_cluster(name, nodes, home, login_user=login_user)
+    if autostop:
+        from provision.autostop import with_autostop
+
+        cluster = with_autostop(cluster, autostop, autodown)
+        cluster.save(Path(cluster.state_dir) / "cluster.json")
     registry.drop_data(home, name, {Path(cluster.storage_url.removeprefix("file://")).resolve().as_uri()})
     write_ssh_config(home, cluster)  # `ssh <name>-node-0`, VS Code Remote-SSH (`gpuforge ssh-config`)
     return cluster
@@ -69,6 +81,7 @@ def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = 
     if cluster is not None and cluster.cloud == "local":
         destroy_local(home, cluster, delete_data, yes)
     elif cluster is not None and cluster.cloud == "hosts":
+        end_dev_sessions(home, cluster, out, servers=True)  # the machines are the user's: nothing of ours keeps running
         stop_host_runs(home, cluster, out)
         shutil.rmtree(inventory.cluster_dir(home, cluster.name), ignore_errors=True)
         out.print(f"forgot hosts cluster {cluster.name} (its machines are yours and keep running)")
@@ -79,6 +92,8 @@ def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = 
         project = (registration.project if registration else "") or (cluster.extra.get("project", "") if cluster else "")
         cluster_id = (registration.cluster_id if registration else "") or (
             cluster.extra.get("cluster_id", "") if cluster else "")
+        if cluster is not None:
+            end_dev_sessions(home, cluster, out, servers=False)  # the servers go with the machines
         down_cloud(home, name, cloud, region, project, cluster_id, delete_data=delete_data, yes=yes)
     else:  # only its kept data is left
         kept = registry.kept_data(home, name)
@@ -112,6 +127,14 @@ def destroy_local(home: Path, cluster: ClusterInfo, delete_data: bool, yes: bool
         shutil.rmtree(storage, ignore_errors=True)
     finish_data(home, cluster.name, kept, delete_data, True, out)
     tidy(home, cluster.name)
+
+
+def end_dev_sessions(home: Path, cluster: ClusterInfo, out, servers: bool) -> None:
+    from provision.services import end_sessions
+
+    ended = end_sessions(home, cluster, servers)
+    if ended:
+        out.print(f"ended {', '.join(ended)}")
 
 
 def stop_host_runs(home: Path, cluster: ClusterInfo, console) -> None:

@@ -34,6 +34,9 @@ def sweep(home: Path, cloud: str, region: str = "", project: str = "", cluster: 
         raise ProvisionError("--delete-data goes with --purge")
     region = region or DEFAULT_REGIONS[cloud]
     from infra import catalog
+    from infra.stacks import require_cloud_packages
+
+    require_cloud_packages(cloud, programs=False)
 
     catalog.zones(cloud, region)  # an unknown region: one line with the choices, before any call
     out = console()

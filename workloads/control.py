@@ -14,7 +14,12 @@ from workloads.remote import Connections, on_nodes
 from workloads.runs import TERMINAL, LaunchError, NodeStatus, RunStatus, find_record, load_record, record_nodes, runs_dir
 
 FETCH_SKIP = re.compile(r"^(step-\d+|nodes)/")  # checkpoints stay in storage unless asked for
-STATUS_PROBE = 'cat {d}/status.json 2>/dev/null || echo "{{}}"; echo; echo "#progress"; cat {d}/progress.json 2>/dev/null'
+# Written into each fetched run's folder: results, not code, so git and the next launch's shipping (which honours
+# .gitignore files) leave them out; `launch --down` fetches into ./runs/ of the very folder it ships.
+FETCHED_IGNORE = "# fetched by gpuforge: a run's results, not code (git and `gpuforge launch` leave them out)\n*\n"
+STATUS_PROBE = ('cat {d}/status.json 2>/dev/null || echo "{{}}"; echo; echo "#progress"; cat {d}/progress.json 2>/dev/null; '
+                'echo; echo "#alive"; p=$(sed -n \'s/.*"supervisor_pid": *\\([0-9]*\\).*/\\1/p\' {d}/status.json 2>/dev/null); '
+                '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo yes; true')
 # The runs whose supervisor is alive on a node: one line per run id.
 BUSY_PROBE = (
     'for f in {w}/runs/*/status.json; do [ -f "$f" ] || continue; '
@@ -39,11 +44,15 @@ def run_dir(node: NodeInfo, run_id: str) -> str:
 def node_status(conn: Any, node: NodeInfo, run_id: str) -> NodeStatus:
     d = shlex.quote(run_dir(node, run_id))
     out = conn.run(STATUS_PROBE.format(d=d), hide=True, warn=True).stdout
-    status_text, _, progress_text = out.partition("#progress")
+    status_text, _, rest = out.partition("#progress")
+    progress_text, _, alive = rest.partition("#alive")
     status = json.loads(status_text.strip() or "{}")
     progress = json.loads(progress_text.strip() or "{}")
-    return NodeStatus(node=node.name, rank=node.rank, state=status.get("state", "not started"),
-                      reason=status.get("reason", ""), exit_code=status.get("exit_code"), step=progress.get("step"),
+    state, reason = status.get("state", "not started"), status.get("reason", "")
+    if state in ("starting", "running") and alive.strip() != "yes":  # the node rebooted, or the supervisor was killed
+        state, reason = "dead", f"its supervisor (pid {status.get('supervisor_pid')}) is gone: the node restarted or was lost"
+    return NodeStatus(node=node.name, rank=node.rank, state=state,
+                      reason=reason, exit_code=status.get("exit_code"), step=progress.get("step"),
                       total_steps=progress.get("total_steps"), loss=progress.get("loss"), tail=status.get("tail", ""),
                       ended=status.get("ended"), secondary=bool(status.get("secondary")),
                       failed_rank=status.get("failed_rank"), error=status.get("error", ""))
@@ -231,6 +240,9 @@ def fetch_run(cluster: ClusterInfo, home: Path, run_id: str | None, dest: Path, 
         path.parent.mkdir(parents=True, exist_ok=True)
         store.download_file(key, path)
         copied.append(path)
+    ignore = target / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text(FETCHED_IGNORE)
     return copied
 
 

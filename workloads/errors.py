@@ -21,3 +21,11 @@ class StorageNotFound(StorageError):
 
 class CheckpointError(WorkloadError):
     """A checkpoint cannot be written, found or loaded."""
+
+
+class Preempted(WorkloadError):
+    """The node had a preemption notice: a complete checkpoint of `step` was saved and the run stops."""
+
+    def __init__(self, step: int, save_s: float):
+        super().__init__(f"preempted: checkpoint of step {step} saved in {save_s:.2f} s")
+        self.step, self.save_s = step, save_s

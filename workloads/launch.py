@@ -41,6 +41,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DEFAULT_START_TIMEOUT_S = 900.0  # torch import + rendezvous + first step; a big model's first step can take minutes
 DIST_TIMEOUT_S = 300  # GPUFORGE_DIST_TIMEOUT for the ranks: bounds a collective waiting on a dead peer
 NCCL_ENV_FILE = "/etc/gpuforge/nccl.env"  # written by the efa step (provision/versions.py)
+METADATA_URL_ENV = "GPUFORGE_METADATA_URL"  # tests and emulators: the preemption watcher's metadata service
 
 
 @dataclass(kw_only=True)
@@ -136,6 +137,21 @@ def is_tensorflow_job(spec: RunSpec) -> bool:
     from workloads.jobs import get_job
 
     return apply_overrides(get_job(spec.job), spec.args).framework == "tensorflow"
+
+
+def preemption_watch(cluster: ClusterInfo) -> dict[str, str] | None:
+    """What each node's supervisor watches for a preemption notice (workloads/preempt.py): the cloud's metadata
+    service on spot/preemptible nodes; METADATA_URL_ENV (`aws=URL` or `gcp=URL`) points it at a stand-in, read
+    every second (the real AWS service every 5 s, as AWS advises)."""
+    override = os.environ.get(METADATA_URL_ENV, "")
+    if override:
+        cloud, _, url = override.partition("=")
+        if cloud not in ("aws", "gcp") or not url.startswith("http"):
+            raise ConfigError(f"{METADATA_URL_ENV}={override!r}: give aws=URL or gcp=URL")
+        return {"cloud": cloud, "url": url, "poll_s": 1.0}
+    if cluster.cloud in ("aws", "gcp") and cluster.extra.get("spot"):
+        return {"cloud": cluster.cloud}
+    return None
 
 
 def venv_of(node: NodeInfo) -> str:
@@ -318,7 +334,8 @@ def start_node(conn: Any, node: NodeInfo, cluster: ClusterInfo, spec: RunSpec, n
                 "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port, worker_ports),
                 "venv": venv_of(node), "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
                 "start_timeout": spec.start_timeout if spec.job else 0, "attempt": attempt,
-                "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else ""}
+                "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else "",
+                "preemption": preemption_watch(cluster)}
     conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
     if secrets:
         put_secret_file(conn, f"{directory}/secrets.json", secrets)

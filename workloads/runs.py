@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from infra.cluster import ClusterInfo, NodeInfo
 from workloads.errors import WorkloadError
+from workloads.failures import awaits_culprit
 
 if TYPE_CHECKING:
     from workloads.launch import RunSpec
 
-TERMINAL = ("succeeded", "failed", "cancelled", "stopped")
+TERMINAL = ("succeeded", "failed", "cancelled", "stopped", "preempted", "dead")
+LOST = ("unreachable", "dead")  # a node that went away (its machine, or its supervisor) without saying how the run ended
 
 
 class LaunchError(WorkloadError):
@@ -51,7 +53,12 @@ class RunStatus:
         states = [n.state for n in self.nodes]
         if all(s == "succeeded" for s in states):
             return "succeeded"
-        if any(s in ("failed", "stopped") for s in states):
+        ended = all(s in TERMINAL or s in LOST for s in states)
+        if "preempted" in states and ended:
+            return "preempted"
+        if any(s in ("failed", "stopped", "dead") for s in states) or (ended and "unreachable" in states):
+            if awaits_culprit([(n.state, n.secondary, n.ended) for n in self.nodes], time.time()):
+                return "running"  # a victim failed first; the rank that broke is still ending
             return "failed"
         if any(s == "cancelled" for s in states) and all(s in TERMINAL for s in states):
             return "cancelled"
@@ -80,8 +87,10 @@ def save_record(home: Path, cluster: ClusterInfo, spec: RunSpec, nodes: list[Nod
     path = runs_dir(home, cluster) / f"{spec.run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
+    earlier = json.loads(path.read_text()) if path.exists() else {}
     tmp.write_text(json.dumps({"spec": asdict(spec), "nodes": [n.name for n in nodes], "master_port": port,
-                               "started": time.time(), "attempt": attempt}, indent=2))
+                               "started": time.time(), "attempt": attempt,
+                               "recoveries": earlier.get("recoveries", []) if attempt > 1 else []}, indent=2))
     tmp.replace(path)
 
 
@@ -103,6 +112,16 @@ def load_record(home: Path, cluster: ClusterInfo, run_id: str | None) -> dict[st
         known = ", ".join(p.stem for p in records[-10:]) or "none"
         raise LaunchError(f"no run {run_id!r} on cluster {cluster.name}; recent runs: {known}")
     return json.loads(path.read_text())
+
+
+def add_recovery(home: Path, cluster: ClusterInfo, run_id: str, recovery: dict[str, Any]) -> None:
+    """Append one recovery (when, node, why, steps lost, seconds per phase) to the run's record."""
+    path = runs_dir(home, cluster) / f"{run_id}.json"
+    record = json.loads(path.read_text())
+    record.setdefault("recoveries", []).append(recovery)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
 
 
 def list_runs(home: Path, cluster: ClusterInfo, limit: int = 10) -> list[dict[str, Any]]:

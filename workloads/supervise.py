@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from workloads.failures import explain_failure
+from workloads.failures import PEER_GRACE_S, explain_failure
 from workloads.outputs import OutputSync, outputs_key
 from workloads.secretfile import Redactor, take_secrets
 
@@ -34,7 +34,7 @@ HEARTBEAT_S = 10.0  # how often a running node re-publishes its status to the ru
 PEER_SILENCE_S = 120.0  # a running peer silent this long is presumed dead (machine gone)
 KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL for the run's process group
 TAIL_LINES = 20
-TERMINAL = ("succeeded", "failed", "cancelled", "stopped")
+TERMINAL = ("succeeded", "failed", "cancelled", "stopped", "preempted")
 FAILURE_LOG_BYTES = 65536  # how much of the log's end is read to explain a failure
 
 
@@ -88,6 +88,7 @@ class Supervisor:
         self.pump: threading.Thread | None = None
         self.outputs = self._outputs()
         self.last_outputs_sync = time.time()
+        self.watcher = None  # the preemption watcher (workloads/preempt.py), on spot/preemptible nodes
 
     def _outputs(self) -> OutputSync | None:
         outputs, url = self.spec.get("outputs"), self.spec.get("storage_url")
@@ -154,6 +155,37 @@ class Supervisor:
         self.status.update(state="running", pid=self.proc.pid, pgid=self.proc.pid)
         self.save()
         self.log(f"started pid {self.proc.pid}: {' '.join(self.spec['command'])}")
+        self.watch_preemption()
+
+    def watch_preemption(self) -> None:
+        """On a spot/preemptible node: watch the metadata service, and on notice signal the run's group."""
+        watch = self.spec.get("preemption")
+        if not watch:
+            return
+        from workloads.preempt import PreemptionWatcher
+
+        self.watcher = PreemptionWatcher(watch["cloud"], self.on_notice, base=watch.get("url", ""),
+                                         poll_s=float(watch.get("poll_s", 5.0)), log=self.log)
+        self.watcher.start()
+
+    def on_notice(self, why: str) -> None:
+        self.status["notice"] = why
+        self.status["notice_time"] = time.time()
+        self.save()
+        for pid in process_tree(self.proc.pid):  # torchrun starts its workers in sessions of their own
+            try:
+                os.kill(pid, signal.SIGUSR1)  # the trainer saves a checkpoint now, then exits "preempted"
+            except ProcessLookupError:
+                pass
+
+    def preemption(self) -> dict | None:
+        """What the trainer wrote after its notice checkpoint, or the notice alone (a script that ignored it)."""
+        from workloads.preempt import PREEMPTED_MARKER
+
+        try:
+            return json.loads((self.dir / PREEMPTED_MARKER).read_text())
+        except (OSError, ValueError):
+            return {"step": None} if self.status.get("notice") else None
 
     def kill_group(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -170,6 +202,8 @@ class Supervisor:
                 continue
 
     def finish(self, state: str, reason: str, code: int | None, **extra) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.kill_group()
         if self.proc is not None:
             try:
@@ -204,7 +238,9 @@ class Supervisor:
                 continue
             if peer.get("attempt", 1) != self.status["attempt"]:
                 continue  # an earlier attempt of a resumed run
-            if peer.get("state") in ("failed", "stopped", "cancelled"):
+            if peer.get("state") == "failed" and peer.get("secondary") and now - peer.get("ended", now) < PEER_GRACE_S:
+                continue  # it lost a peer (maybe this node's rank, still ending): let this node fail on its own
+            if peer.get("state") in ("failed", "stopped", "cancelled", "preempted"):
                 return f"{peer.get('node')} {peer['state']}: {peer.get('reason', '')}"
             if peer.get("state") == "running" and now - peer.get("updated", now) > PEER_SILENCE_S:
                 return f"{peer.get('node')} went silent {now - peer['updated']:.0f} s ago (machine down?)"
@@ -226,6 +262,13 @@ class Supervisor:
                     return 0
                 if self.pump is not None:
                     self.pump.join(timeout=10)
+                preempted = self.preemption()
+                if preempted is not None:
+                    saved = f"checkpoint of step {preempted['step']} saved" if preempted.get("step") is not None \
+                        else "no checkpoint (the process did not answer the notice)"
+                    self.finish("preempted", f"preempted: {self.status.get('notice') or 'a peer had the notice'}; {saved}",
+                                code, checkpoint_step=preempted.get("step"), save_s=preempted.get("save_s"))
+                    return 1
                 failure = explain_failure(code, tail(self.dir / "output.log", 100000, FAILURE_LOG_BYTES))
                 self.finish("failed", failure.reason, failure.exit_code, secondary=failure.secondary,
                             failed_rank=failure.rank, error=failure.error)
@@ -244,6 +287,25 @@ class Supervisor:
             if self.outputs is not None and time.time() - self.last_outputs_sync > float(self.spec["outputs"]["every"]):
                 self.sync_outputs()
             time.sleep(POLL_S)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (Linux /proc), whatever session or group they moved to."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
 
 
 def pump_redacted(source, out, redactor: Redactor) -> None:
@@ -269,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, cancel)
     signal.signal(signal.SIGINT, cancel)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the SSH session that started us may close
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited: a preemption notice kills no launcher (preempt.py)
     try:
         return sup.run()
     except Exception as exc:  # noqa: BLE001 - the status file must say what happened

@@ -11,6 +11,7 @@
     envs: {EPOCHS: 3}
     secrets: [HF_TOKEN]                 # from this machine's environment (or {name: X, file: PATH})
     outputs: out                        # synced to the run's storage at the end and every few minutes
+    recovery: 2                         # a lost node is brought back and the run resumed, at most twice
 
 `gpuforge launch task.yaml` runs it; `load_task()` returns a `Task` or raises one ConfigError whose
 message has one line per bad field (unknown keys are refused with the valid ones listed).
@@ -118,6 +119,8 @@ class Task(Strict):
     outputs: Outputs | None = None
     start_timeout: float = Field(default=0.0, ge=0)
     """Seconds until the run's first step before it is failed (0: no limit; our jobs report steps)."""
+    recovery: int = Field(default=0, ge=0, le=100)
+    """After a lost node (preempted, terminated, unreachable): bring it back, set up, resume; at most this many times."""
 
     @field_validator("name")
     @classmethod
@@ -242,7 +245,7 @@ def load_task(path: Path | str, env_overrides: dict[str, str] | None = None) -> 
         raise ConfigError(f"{path}: {exc}") from None
     if env_overrides:
         task = task.model_copy(update={"envs": {**task.envs, **env_overrides}})
-    workdir = (path.parent / (task.workdir or ".")).resolve()
+    workdir = (path.parent / Path(task.workdir or ".").expanduser()).resolve()
     if not workdir.is_dir():
         raise ConfigError(f"{path}: workdir {task.workdir or '.'} ({workdir}) is not a folder")
     if task.script and not (workdir / task.script).is_file():

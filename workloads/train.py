@@ -94,7 +94,8 @@ def prepare(args: argparse.Namespace):
 def run(args: argparse.Namespace, cfg, runs) -> int:
     if cfg.framework == "tensorflow":
         return run_tensorflow(args, cfg, runs)
-    from workloads.errors import WorkloadError
+    from workloads.errors import Preempted, WorkloadError
+    from workloads.preempt import PREEMPTED_EXIT
     from workloads.runtime import finish, init_runtime
     from workloads.trainer import Trainer
 
@@ -107,6 +108,9 @@ def run(args: argparse.Namespace, cfg, runs) -> int:
         if rt.is_main:
             print_summary(summary, runs.child(run_id).url)
         code = 0
+    except Preempted as exc:
+        print(str(exc), flush=True)
+        code = PREEMPTED_EXIT  # the supervisor reports the node "preempted" (workloads/preempt.py)
     except WorkloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

@@ -27,9 +27,10 @@ from workloads import data as D
 from workloads.environment import node_environment
 from workloads.checkpoint import CheckpointManager
 from workloads.config import TrainConfig
-from workloads.errors import ConfigError, WorkloadError
+from workloads.errors import ConfigError, Preempted, WorkloadError
 from workloads.export import export_model, save_state_dict
 from workloads.metrics import MetricsLogger, write_progress
+from workloads.notice import Notice
 from workloads.models import INPUT_SHAPES, build_model, count_params, input_shape
 from workloads.optimize import distill_loss, load_teacher, quantize_dynamic_int8, state_dict_bytes
 from workloads.runtime import Runtime
@@ -68,7 +69,7 @@ class Trainer:
         self.ckpt = CheckpointManager(run, cfg.keep_last, pin_memory=rt.device.type == "cuda")
         self.metrics = MetricsLogger(run, cfg.tensorboard, self.total_steps) if rt.is_main else None
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout differs per rank, reproducibly
-        self.step, self.resumed_from, self.samples = 0, None, 0
+        self.step, self.resumed_from, self.samples, self.saved_step = 0, None, 0, None
         self.window_mfu: list[float] = []  # MFU of each logged window after the first (which holds the warm-up)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -173,8 +174,11 @@ class Trainer:
         started, start_step, start_samples = time.monotonic(), self.step, self.samples
         self.window = (started, self.samples)  # the logged rates are over the steps since the previous log
         self.net.train()
+        notice = Notice(rt)  # a preemption notice (SIGUSR1 from the node's supervisor, workloads/preempt.py)
         try:
             while self.step < self.total_steps:
+                if notice.agreed():
+                    self.save_on_notice(notice)
                 loss = self.train_step()
                 if self.step % cfg.log_every == 0 or self.step in (self.total_steps, start_step + 1):
                     self.log_train(loss, first=self.step == start_step + 1)  # the first step tells the launcher training began
@@ -266,6 +270,7 @@ class Trainer:
         """Rank 0 saves the (replicated) state; the loop goes on once DCP has copied it to host
         memory, unless `wait`: then every rank returns when the checkpoint is complete."""
         per_rank = self.rt.all_gather_object(self.rng_state())
+        self.saved_step = self.step  # on every rank: a notice at this step then only waits for this save
         if self.rt.is_main:
             parts = {"model": self.model.state_dict(), "train_state": {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -278,6 +283,15 @@ class Trainer:
                 self.ckpt.wait()
         if wait:
             self.rt.barrier()
+
+    def save_on_notice(self, notice: Notice) -> None:
+        """A complete checkpoint now (after the one in flight, if any), then stop the run as preempted."""
+        if self.saved_step == self.step:
+            self.ckpt.wait()  # this step's save is already under way: only wait for it
+            self.rt.barrier()
+        else:
+            self.save_checkpoint(wait=True)
+        raise Preempted(self.step, notice.record(self.step))
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint of this run id, if there is one."""

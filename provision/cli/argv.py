@@ -37,7 +37,7 @@ VALUE_FLAGS = {"--job", "-j", "--script", "-s", "--nodes", "-n", "--run-id", "-r
                "--dest", "-d", "-t", "--name", "--cloud", "--instance-type", "--accelerator", "--region", "--zone",
                "--disk-gb", "--os", "--ssh-cidr", "--project", "--hosts", "--keep", "--base-image", "--subnet-id",
                "--security-group-id", "--max-ship-mb", "-v", "-m", "--image", "--network", "--subnetwork",
-               "--port", "-p", "--kind", "-k", "--max-batch", "--local-port", "-l"}
+               "--port", "-p", "--kind", "-k", "--max-batch", "--local-port", "-l", "--autostop"}
 
 
 def adopt_fab_argv(collection: Any = None) -> None:
@@ -106,7 +106,11 @@ def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None
     """A whole-number or number flag given a word is refused here, in one line, before Invoke converts it."""
     for start, end in segments(unparsed, names):
         kinds = {}
-        for arg in collection[unparsed[start]].get_arguments():
+        task = collection[unparsed[start]]
+        helps = dict(task.help)  # Invoke's get_arguments() pops the help texts that `TASK --help` prints later
+        arguments = task.get_arguments()
+        task.help.update(helps)
+        for arg in arguments:
             if arg.kind in (int, float):
                 for name in arg.names:
                     kinds[("--" if len(name) > 1 else "-") + name.replace("_", "-")] = arg.kind

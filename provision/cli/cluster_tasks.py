@@ -43,31 +43,48 @@ CLUSTER_HELP = "cluster name, hosts .yaml, stack output .json or pulumi:STACK (d
             "image": "boot this image (AMI id / GCE image path); a later up that changes it is a roll, previewed",
             "roll_image": "move the nodes to the newest usable image (previewed, confirmed; replaces the nodes)",
             "yes": "skip the confirmations",
-            "login_user": "local only: VM-like nodes that log in as this sudo user and get the cloud plan (needs root)"},
+            "login_user": "local only: VM-like nodes that log in as this sudo user and get the cloud plan (needs root)",
+            "autostop": "stop the nodes after this long idle: minutes (90), 90s, 2h, or off (default on a cloud: 60; "
+                        "local: off; a later up keeps the cluster's)",
+            "autodown": "terminate the nodes instead of stopping them; the stack goes with the last one"},
       iterable=["ssh_cidr"])
 def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region="", zone="", spot=False, disk_gb=0,
-       os="", ssh_cidr=None, project="", hosts="", image="", roll_image=False, yes=False, login_user=""):
-    """Create a cluster (local, aws, gcp) or register existing machines, and select it. A later up of a cloud
-    cluster keeps its config, zone and image, and changes what is given."""
+       os="", ssh_cidr=None, project="", hosts="", image="", roll_image=False, yes=False, login_user="", autostop="",
+       autodown=False):
+    """Create a cluster (local, aws, gcp) or register existing machines, and select it; up of a stopped cluster starts
+    it again. A later up of a cloud cluster keeps its config, zone and image, and changes what is given."""
+    from infra.autostop import parse_autostop
     from provision.clusters import create_cloud_cluster, create_local, register_hosts
 
     home = inventory.home_dir()
     with cli.user_errors():
         count = cli.parse_nodes(nodes)
+        idle = parse_autostop(autostop) if autostop else None  # a bad value: one line, before anything starts
+        finish_autodown_of(home, name or (f"{cloud}-gpu" if cloud and cloud != "local" else "local"))
         if hosts:
             cluster = register_hosts(home, Path(hosts))
         elif not cloud or cloud == "local":
-            cluster = create_local(home, name or "local", count or 2, login_user=login_user)
+            cluster = create_local(home, name or "local", count or 2, login_user=login_user, autostop=idle,
+                                   autodown=autodown)
         else:
             first_up = not (inventory.cluster_dir(home, name or f"{cloud}-gpu") / "registration.json").exists()
             if not instance_type and first_up:
                 raise Exit(f"error: {cli.type_choices(cloud)}", code=2)
             given = {"nodes": count, "instance_type": instance_type, "accelerator": accelerator, "region": region,
                      "zone": zone, "spot": spot, "disk_gb": int(disk_gb or 0), "os": os,
-                     "ssh_cidrs": list(ssh_cidr or []), "project": project, "image": image}
+                     "ssh_cidrs": list(ssh_cidr or []), "project": project, "image": image,
+                     "autostop": autostop.strip(), "autodown": autodown}
             cluster = create_cloud_cluster(home, cloud=cloud, name=name, given=given, yes=yes, roll_image=roll_image)
         inventory.select(home, cluster.name)
         report.print_cluster(cluster)
+
+
+def finish_autodown_of(home: Path, name: str) -> None:
+    """`up` of an autodown cluster whose nodes have all gone: the rest goes first, then the cluster is made anew."""
+    from provision.autostop import finish_autodown
+
+    if name in inventory.known_clusters(home):
+        finish_autodown(home, inventory.resolve(home, name))
 
 
 @task(help={"cluster": CLUSTER_HELP,
@@ -75,8 +92,8 @@ def up(c, nodes="", name="", cloud="", instance_type="", accelerator="", region=
                            "folder), after a confirmation naming it and its size",
             "yes": "skip the confirmation"})
 def down(c, cluster=None, delete_data=False, yes=False):
-    """Tear the cluster down from any state; its data (bucket / storage folder) is kept and reported unless
-    --delete-data."""
+    """Tear the cluster down from any state, ending its notebooks, servers and tunnels; its data (bucket /
+    storage folder) is kept and reported unless --delete-data."""
     from provision.clusters import destroy
 
     home = inventory.home_dir()
@@ -113,9 +130,14 @@ def use(c, cluster):
 
 @task
 def clusters(c):
-    """List the known clusters; the selected one is marked."""
+    """List the known clusters (running or stopped, their autostop); the selected one is marked. An autodown cluster
+    whose nodes have all gone is removed (its data kept)."""
+    from provision.autostop import finish_autodown
+
     home = inventory.home_dir()
     with cli.user_errors():
+        for name in inventory.known_clusters(home):
+            finish_autodown(home, inventory.resolve(home, name))
         report.print_clusters(home)
 
 

@@ -16,7 +16,8 @@ from infra.cluster import ClusterInfo
 from provision.runner import CHANGED, FAILED, PLANNED, SKIPPED, UNCHANGED, NodeReport
 
 STYLE = {CHANGED: "green", UNCHANGED: "dim", SKIPPED: "yellow", FAILED: "bold red", PLANNED: "cyan",
-         "succeeded": "green", "failed": "bold red", "stopped": "red", "cancelled": "yellow", "running": "cyan"}
+         "succeeded": "green", "failed": "bold red", "stopped": "red", "cancelled": "yellow", "running": "cyan",
+         "preempted": "yellow", "dead": "red", "unreachable": "red"}
 
 
 def console() -> Console:
@@ -32,7 +33,10 @@ def print_cluster(cluster: ClusterInfo) -> None:
                       f"{n.gpu_count} x {n.gpu_model}" if n.gpu_count else "-", n.workdir)
     out = console()
     out.print(table)
-    out.print(f"storage: {cluster.storage_url or '-'}; selected. Next: `fab setup`")
+    from provision.autostop import setting
+
+    idle = "" if cluster.cloud == "hosts" else f"{setting(cluster)}; "
+    out.print(f"storage: {cluster.storage_url or '-'}; {idle}selected. Next: `fab setup`")
 
 
 def print_clusters(home: Path) -> None:
@@ -40,12 +44,15 @@ def print_clusters(home: Path) -> None:
 
     current = inventory.current_name(home)
     table = Table(title="clusters")
-    for col in ("", "name", "cloud", "nodes", "storage"):
+    from provision.autostop import cluster_power, setting
+
+    for col in ("", "name", "cloud", "nodes", "storage", "state", "autostop"):
         table.add_column(col)
     known = inventory.known_clusters(home)
     for name in known:
         c = inventory.resolve(home, name)
-        table.add_row("*" if name == current else "", name, c.cloud, str(len(c.nodes)), c.storage_url)
+        table.add_row("*" if name == current else "", name, c.cloud, str(len(c.nodes)), c.storage_url,
+                      cluster_power(home, c), setting(c))
     from provision import registry
 
     for name in registry.registered_names(home):
@@ -54,7 +61,7 @@ def print_clusters(home: Path) -> None:
         reg = registry.load(home, name)
         kept = registry.kept_data(home, name)
         state = f"{reg.state} ({reg.cloud})" if reg else "down, data kept"
-        table.add_row("", name, state, "-", ", ".join(d.url for d in kept) or "-")
+        table.add_row("", name, state, "-", ", ".join(d.url for d in kept) or "-", "-", "-")
     console().print(table)
 
 
@@ -163,6 +170,15 @@ def print_runs(records: list[dict[str, Any]]) -> None:
     console().print(table)
 
 
+def print_autostop(cluster: ClusterInfo) -> None:
+    """`status`: each node's state and the time left before autostop stops it."""
+    from provision.autostop import describe_nodes, setting
+
+    lines = describe_nodes(cluster)
+    if lines:
+        console().print(f"cluster {cluster.name}: {setting(cluster)}\n  " + "\n  ".join(escape(line) for line in lines))
+
+
 def print_status(status: Any) -> None:
     table = Table(title=f"run {status.run_id}: {status.state}")
     for col in ("node", "state", "step", "loss", "exit", "reason"):
@@ -175,10 +191,35 @@ def print_status(status: Any) -> None:
     console().print(table)
 
 
+def print_recoveries(record: dict[str, Any]) -> None:
+    """The run's recoveries (provision/recovery.py): when, which node, why, steps lost, seconds per phase."""
+    import time
+
+    recoveries = record.get("recoveries") or []
+    if not recoveries:
+        return
+    table = Table(title=f"recoveries of run {record['spec']['run_id']}")
+    for col in ("when", "node", "why", "resumed from", "steps lost", "seconds (detect/back/setup/restart)"):
+        table.add_column(col)
+    for r in recoveries:
+        sec = r.get("seconds", {})
+        phases = "/".join(f"{sec.get(k, 0):.1f}" for k in ("detection", "node_back", "setup", "restart"))
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), ", ".join(r["nodes"]),
+                      escape(f"{r['kind']}: {r['why']}"[:120]),
+                      "-" if r.get("resumed_from_step") is None else f"step {r['resumed_from_step']}",
+                      "-" if r.get("steps_lost") is None else str(r["steps_lost"]), phases)
+    console().print(table)
+
+
 def print_run_end(cluster: ClusterInfo, status: Any) -> None:
     out = console()
     if status.state == "succeeded":
         out.print(f"run {status.run_id} [green]succeeded[/] on {len(status.nodes)} node(s); `gpuforge fetch {status.run_id}`")
+        return
+    if status.state == "preempted":
+        noticed = [n for n in status.nodes if n.state == "preempted"]
+        out.print(f"run {status.run_id} [yellow]preempted[/]: {escape(noticed[0].reason)}; "
+                  f"`gpuforge train --resume --run-id {status.run_id}` continues from its last checkpoint")
         return
     culprit = status.culprit
     if culprit is not None:

@@ -23,10 +23,12 @@ ENV_HELP = "NAME=VALUE for the run's environment (repeatable); NAME alone takes 
             "follow": "stream rank 0's output until the run ends; exit with the failed rank's exit code",
             "set": "key=value override (repeatable; bare key=value words work too)", "cluster": CLUSTER_HELP,
             "env": ENV_HELP, "list": "list the jobs", "max_ship_mb": "refuse to ship a script folder bigger than this (default 100)",
-            "start_timeout": "seconds until the first training step before the run is failed (jobs)"},
+            "start_timeout": "seconds until the first training step before the run is failed (jobs)",
+            "recover": "when a node is lost (preempted, terminated, unreachable) or ranks fail on a lost peer: bring the "
+                       "cluster back, set it up and resume from the last checkpoint, at most N times (implies --follow)"},
       iterable=["set", "env"])
 def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=False, set=None, cluster=None,
-          start_timeout=900.0, resume=False, env=None, list=False, max_ship_mb=0.0):
+          start_timeout=900.0, resume=False, env=None, list=False, max_ship_mb=0.0, recover=0):
     """Start a job (or your script) with torchrun on the cluster's nodes: train --job NAME | --script FILE -- ARGS."""
     from workloads.launch import RunSpec, resume_spec, start_run
     from workloads.env_overrides import parse_env_overrides
@@ -46,6 +48,7 @@ def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=Fa
             raise Exit("error: --resume needs the --run-id of the run to continue", code=2)
         cli.at_least("--nproc-per-node", nproc_per_node, 0)
         cli.at_least("--start-timeout", start_timeout, 1)
+        check_recover(recover)
         envs = parse_env_overrides(env or [])
         chosen = inventory.resolve(home, cluster)
         if resume and not (job or script):
@@ -61,10 +64,17 @@ def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=Fa
         verb = "resumed" if resume else "started"
         cli.console().print(f"{verb} run [bold]{spec.run_id}[/] on {len(used)} node(s): "
                             f"{', '.join(n.name for n in used)}; `gpuforge logs`, `gpuforge status`, `gpuforge cancel`")
-        if follow:
-            code = follow_and_report(chosen, home, spec.run_id)
+        if follow or recover:
+            code = follow_and_report(chosen, home, spec.run_id, int(recover))
             if code:
                 raise Exit(code=code)
+
+
+def check_recover(recover) -> None:
+    from provision.recovery import MAX_RECOVER
+
+    if not str(recover).isdigit() or int(recover) > MAX_RECOVER:
+        raise Exit(f"error: --recover {recover}: give a number of recoveries from 0 to {MAX_RECOVER}", code=2)
 
 
 def script_spec(cluster, script: str, nodes: str, nproc_per_node: int, run_id: str, envs: dict, limit_mb: float):
@@ -82,18 +92,23 @@ def script_spec(cluster, script: str, nodes: str, nproc_per_node: int, run_id: s
                    ship_limit_mb=limit_mb)
 
 
-def follow_and_report(cluster, home, run_id) -> int:
-    """Follow the run to its end; the exit status to give: 0, or the failed rank's own exit code."""
-    from workloads.launch import follow_run
+def follow_and_report(cluster, home, run_id, recover: int = 0, secrets=None) -> int:
+    """Follow the run to its end (recovering it at most `recover` times); the exit status to give: 0, or the
+    failed rank's own exit code."""
+    from provision.recovery import follow_with_recovery
 
-    status = follow_run(cluster, home, run_id, out=lambda text: print(text, flush=True))
+    status = follow_with_recovery(cluster, home, run_id, recover, out=lambda text: print(text, flush=True), secrets=secrets)
     report.print_run_end(cluster, status)
     return exit_status(status)
 
 
 def exit_status(status) -> int:
+    from workloads.preempt import PREEMPTED_EXIT
+
     if status.state == "succeeded":
         return 0
+    if status.state == "preempted":
+        return PREEMPTED_EXIT
     culprit = status.culprit
     code = culprit.exit_code if culprit is not None else None
     if code is None or code == 0:
@@ -103,17 +118,26 @@ def exit_status(status) -> int:
 
 @task(help={"run": "run id (default: the newest)", "cluster": CLUSTER_HELP})
 def status(c, run=None, cluster=None):
-    """Show a run's state per node: alive, finished or failed (which rank, exit code, error), last step and loss."""
+    """Show the nodes (running or stopped, time left before autostop) and a run's state per node: alive, finished or
+    failed (which rank, exit code, error), last step and loss."""
+    from provision.autostop import finish_autodown
     from workloads.launch import run_status
-    from workloads.runs import list_runs
+    from workloads.runs import list_runs, load_record
 
     home = inventory.home_dir()
     with cli.user_errors():
         chosen = inventory.resolve(home, cluster)
+        if finish_autodown(home, chosen):
+            return
+        report.print_autostop(chosen)
+        if run is None and not list_runs(home, chosen):
+            cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `fab train --job NAME`")
+            return
         status = run_status(chosen, home, run)
         if run is None:
             report.print_runs(list_runs(home, chosen))
         report.print_status(status)
+        report.print_recoveries(load_record(home, chosen, status.run_id))
         if status.state == "failed":
             report.print_run_end(chosen, status)
 

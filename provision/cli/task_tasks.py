@@ -105,10 +105,11 @@ def run_on_cluster(home, chosen, prepared, run_id, resume, detach, down, dest: P
             out.print(f"`gpuforge logs --follow {spec.run_id}`, `gpuforge status {spec.run_id}`, `gpuforge fetch {spec.run_id}`")
             return 0
         from provision.cli.report import print_run_end
-        from workloads.launch import follow_run
+        from provision.recovery import follow_with_recovery
 
-        try:
-            status = follow_run(chosen, home, spec.run_id, out=lambda text: print(text, flush=True))
+        try:  # `recovery: N`: a lost node is brought back and the run resumed, at most N times (provision/recovery.py)
+            status = follow_with_recovery(chosen, home, spec.run_id, task.recovery, out=lambda text: print(text, flush=True),
+                                          secrets=prepared.secrets)
         except KeyboardInterrupt:
             if not down:
                 out.print(f"[yellow]stopped following; run {spec.run_id} goes on[/] (`gpuforge logs --follow {spec.run_id}`, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from provision.steps.autostop import AutostopStep
 from provision.steps.base import Step
 from provision.steps.core import BaseStep, PythonEnvStep, VerifyStep, WorkloadStep
 from provision.steps.gpu import GPU_SYSTEM_STEPS, GPU_VERIFY_STEP
@@ -9,9 +10,9 @@ from provision.steps.tensorflow import TENSORFLOW_STEPS
 
 
 def all_steps() -> list[Step]:
-    """base; the GPU system steps (skipped without a GPU); python env; TensorFlow (only where asked for);
-    our code; verify."""
-    return [BaseStep(), *GPU_SYSTEM_STEPS, PythonEnvStep(), *TENSORFLOW_STEPS, WorkloadStep(), GPU_VERIFY_STEP,
+    """base; the autostop watcher (early: a node whose setup fails later still stops when idle); the GPU system
+    steps (skipped without a GPU); python env; TensorFlow (only where asked for); our code; verify."""
+    return [BaseStep(), AutostopStep(), *GPU_SYSTEM_STEPS, PythonEnvStep(), *TENSORFLOW_STEPS, WorkloadStep(), GPU_VERIFY_STEP,
             VerifyStep()]
 
 

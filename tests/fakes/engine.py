@@ -16,7 +16,8 @@ What it does as the engine does:
 - preview computes the same plan without calling the cloud; outputs of what would change are unknown, so a
   dependent's replacement shows as in a real preview.
 
-Where it differs from a real `pulumi up`: no parallelism (one step at a time); no refresh (drift is not seen);
+Where it differs from a real `pulumi up`: no parallelism (one step at a time); no refresh within an up (drift is
+not seen; `refresh()` on its own drops what the cloud no longer has, for translators that say: `exists()`);
 diffs compare inputs only (a real provider also compares with the cloud's state); only the properties gpuforge's
 program uses are translated; the GCS emulator has no IAM, so BucketIAMMember is recorded, not applied; autonames
 are `<name>-<7 hex>` like Pulumi's.
@@ -362,6 +363,20 @@ class MockEngine:
         self.save_state()
         self.runs.append(mocks.steps)
         return outputs
+
+    def refresh(self, stack: str, on_output: Callable[[str], Any]) -> None:
+        """As `pulumi refresh`: a resource its cloud no longer has (translator.exists() False) leaves the state."""
+        self._stack, self._state = stack, self._load(stack)
+        kept = []
+        for res in self._state.resources:
+            cloud = None if res.type.startswith("pulumi:providers:") or not res.id else self.cloud_of(res.type)
+            exists = getattr(cloud, "exists", None)
+            if exists is not None and not exists(res, self._provider_of(res)):
+                on_output(f"refresh: {res.type} {res.name} ({res.id}) is gone\n")
+                continue
+            kept.append(res)
+        self._state.resources = kept
+        self.save_state()
 
     def preview(self, stack: str, config: Mapping[str, str], on_output: Callable[[str], Any]) -> Preview:
         self._stack, self._state = stack, copy.deepcopy(self._load(stack))

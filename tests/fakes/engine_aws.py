@@ -205,6 +205,14 @@ class AwsCloud(CloudTranslator):
             TagSpecifications=spec_tags("launch-template", self.tags(res, p)))["LaunchTemplate"]
         return template["LaunchTemplateId"], {**res.inputs, "name": name, "latestVersion": 1, "defaultVersion": 1}
 
+    def exists(self, res: Resource, p: dict) -> bool:
+        """For refresh: an instance terminated (or terminating) is gone, as the provider's Read finds it."""
+        if res.type != "aws:ec2/instance:Instance":
+            return True
+        found = self.client("ec2", p).describe_instances(InstanceIds=[res.id])["Reservations"]
+        state = found[0]["Instances"][0]["State"]["Name"] if found else "terminated"
+        return state not in ("shutting-down", "terminated")
+
     def create_instance(self, res: Resource, p: dict) -> tuple[str, dict]:
         ec2 = self.client("ec2", p)
         inputs = res.inputs
@@ -216,6 +224,8 @@ class AwsCloud(CloudTranslator):
         }
         if inputs.get("instanceType"):
             params["InstanceType"] = inputs["instanceType"]
+        if inputs.get("instanceInitiatedShutdownBehavior"):
+            params["InstanceInitiatedShutdownBehavior"] = inputs["instanceInitiatedShutdownBehavior"]
         market = inputs.get("instanceMarketOptions")
         if market:
             spot = market.get("spotOptions", {})
@@ -322,6 +332,10 @@ class AwsCloud(CloudTranslator):
             number = version["LaunchTemplateVersion"]["VersionNumber"]
             ec2.modify_launch_template(LaunchTemplateId=old.id, DefaultVersion=str(number))
             return {**old.outputs, **new_inputs, "latestVersion": number, "defaultVersion": number}
+        behaviour = new_inputs.get("instanceInitiatedShutdownBehavior")
+        if old.type == "aws:ec2/instance:Instance" and behaviour != old.inputs.get("instanceInitiatedShutdownBehavior"):
+            self.client("ec2", provider).modify_instance_attribute(  # in place, as the provider does
+                InstanceId=old.id, Attribute="instanceInitiatedShutdownBehavior", Value=behaviour)
         return {**old.outputs, **new_inputs}
 
     def planned_outputs(self, typ: str, name: str, inputs: dict) -> dict:

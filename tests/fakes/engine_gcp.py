@@ -167,6 +167,19 @@ class GcpCloud(CloudTranslator):
         i = res.inputs
         return f"b/{i['bucket']}/{i['role']}/{i['member']}", dict(i)  # recorded only: the emulator has no IAM
 
+    def exists(self, res: Resource, provider: dict) -> bool:
+        """For refresh: an instance that is no more (deleted) is gone; a stopped one (TERMINATED) still exists."""
+        from google.api_core.exceptions import NotFound
+
+        if not res.type.endswith(":Instance"):
+            return True
+        parts = res.id.split("/")
+        try:
+            self.compute.InstancesClient(**self.kw).get(project=parts[1], zone=parts[3], instance=parts[-1])
+        except NotFound:
+            return False
+        return True
+
     def create_instance(self, res: Resource, p: dict) -> tuple[str, dict]:
         c, project, i = self.compute, self.project(res, p), res.inputs
         zone = i.get("zone") or p.get("zone")

@@ -150,10 +150,48 @@ def install() -> None:
                                      "QuotaCode": code, "QuotaName": name, "Value": quota_value(self.region, code),
                                      "Unit": "None", "Adjustable": True, "GlobalQuota": False}})
 
+    original_start, original_stop = EC2Response.start_instances, EC2Response.stop_instances
+
+    def start_instances(self):  # type: ignore[no-untyped-def]
+        _check_power_states(self, "start")
+        return original_start(self)
+
+    def stop_instances(self):  # type: ignore[no-untyped-def]
+        _check_power_states(self, "stop")
+        return original_stop(self)
+
     EC2Response.run_instances = run_instances
     EC2Response.allocate_address = allocate_address
+    EC2Response.start_instances = start_instances
+    EC2Response.stop_instances = stop_instances
     ServiceQuotasResponse.get_service_quota = get_service_quota
     _installed = True
+
+
+def _check_power_states(response: Any, verb: str) -> None:
+    """EC2's rules for StartInstances / StopInstances (moto applies neither): a terminated instance can be neither
+    started nor stopped (IncorrectInstanceState), nor can a one-time spot instance be stopped (UnsupportedOperation;
+    EC2 user guide, "Stop a Spot Instance": only persistent requests' instances stop)."""
+    for instance in response.ec2_backend.get_multi_instances_by_id(response._get_param("InstanceIds", [])):
+        state = instance._state.name
+        if state in ("terminated", "shutting-down"):
+            raise _error("IncorrectInstanceState", f"The instance '{instance.id}' is not in a state from which it "
+                                                   f"can be {'started' if verb == 'start' else 'stopped'}.")
+        if verb == "stop" and instance.lifecycle == "spot":
+            raise _error("UnsupportedOperation", f"The instance '{instance.id}' is a one-time Spot Instance and "
+                                                 "cannot be stopped.")
+
+
+def guest_shutdown(ec2: Any, instance_id: str) -> str:
+    """The instance's OS powers itself off (autostop's `systemctl poweroff`): EC2 applies the instance's
+    InstanceInitiatedShutdownBehavior, stop or terminate. Returns the state it ends in."""
+    behaviour = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior")[
+        "InstanceInitiatedShutdownBehavior"]["Value"]
+    if behaviour == "terminate":
+        ec2.terminate_instances(InstanceIds=[instance_id])
+        return "terminated"
+    ec2.stop_instances(InstanceIds=[instance_id])  # the same end state as EC2's stop on a guest shutdown
+    return "stopped"
 
 
 def _error(code: str, message: str) -> Exception:

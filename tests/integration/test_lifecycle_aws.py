@@ -276,8 +276,10 @@ def test_a_quota_too_small_stops_before_anything_is_created_and_names_it(aws, ca
     assert not (tmp_path / "home" / "clusters" / "demo" / "registration.json").exists()
 
 
-def test_the_elastic_ip_quota_is_checked_before_anything_for_efa_nodes(aws, capsys):
-    session, _ = aws
+def test_the_elastic_ip_quota_is_checked_before_anything_for_efa_nodes(aws, capsys, tmp_path):
+    """One Elastic IP per EFA node: 2 more with 4 of the default 5 in use stop the up before any resource exists (the
+    AllocateAddress that would fail mid-up, with AddressLimitExceeded, is never reached)."""
+    session, engines = aws
     publish_ami(session, "gpuforge-a", datetime.now(timezone.utc))
     for _ in range(4):
         session.client("ec2").allocate_address(Domain="vpc")  # 4 of the default 5 in use
@@ -285,6 +287,11 @@ def test_the_elastic_ip_quota_is_checked_before_anything_for_efa_nodes(aws, caps
     up = gpuforge(capsys, *UP)
 
     assert up.code == 1 and "L-0263D0A3" in up.err and "EC2-VPC Elastic IPs" in up.err, up.err
+    assert "need 2 Elastic IP(s), but 4 of the 5 allowed are in use" in " ".join(up.err.split()), up.err
+    assert not engines.all_steps()  # no `pulumi up` ran
+    assert session.client("ec2").describe_vpcs(Filters=[{"Name": "tag-key", "Values": ["gpuforge:cluster"]}])[
+        "Vpcs"] == []
+    assert not (tmp_path / "home" / "clusters" / "demo" / "registration.json").exists()
 
 
 def test_a_type_sold_only_as_capacity_blocks_is_refused_before_anything(aws, capsys, monkeypatch):
@@ -344,3 +351,35 @@ def test_down_with_checkpoints_in_the_bucket_succeeds_and_keeps_them(aws, capsys
     assert session.client("s3").get_object(Bucket=bucket, Key="runs/r1/step-3/model.pt")["Body"].read() == b"x" * 2048
     assert f"s3://{bucket} (1 object version(s), 2.0 KB)" in " ".join(down.out.split())
     assert running_nodes(session) == {}
+
+
+def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, tmp_path):
+    """A spot node reclaimed (terminated in moto): recovery's bring_back refreshes the stack and brings it up again,
+    which creates that node's instance anew, in the zone it was in; the other node is untouched."""
+    from provision import inventory
+    from provision.recovery import bring_back
+
+    session, _ = aws
+    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
+    assert gpuforge(capsys, *UP).code == 0
+    home = tmp_path / "home"
+    cluster_id = registration(home)["cluster_id"]
+    before = live_instances(session, cluster_id)
+    ec2 = session.client("ec2")
+    zone_of = {i["InstanceId"]: i["Placement"]["AvailabilityZone"]
+               for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]}
+    lost_name = sorted(before)[1]
+    ec2.terminate_instances(InstanceIds=[before[lost_name]])
+    assert lost_name not in live_instances(session, cluster_id)
+
+    lines: list[str] = []
+    cluster = bring_back(inventory.resolve(home, "demo"), home, lines.append)
+    after = live_instances(session, cluster_id)
+    assert set(after) == set(before) and after[lost_name] != before[lost_name]
+    others = [name for name in before if name != lost_name]
+    assert all(after[name] == before[name] for name in others), "the healthy node must not be replaced"
+    new_zone = next(i["Placement"]["AvailabilityZone"] for r in ec2.describe_instances(
+        InstanceIds=[after[lost_name]])["Reservations"] for i in r["Instances"])
+    assert new_zone == zone_of[before[lost_name]]
+    assert len(cluster.nodes) == 2
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0

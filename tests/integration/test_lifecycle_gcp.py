@@ -152,15 +152,32 @@ def test_down_of_a_gcp_cluster_reaches_the_sweep_with_its_project(gcp, capsys):
     assert gce.iam.accounts.get(PROJECT, {}) == {}
 
 
+def up_n1(gce: FakeCompute, capsys, accelerator: str, nodes: int):
+    """`up` of an N1 cluster with `accelerator`, no zone given, on the Deep Learning VM image (no baked one)."""
+    gce.seed("images", "global", {"name": "dlvm-1", "family": "common-cu128-ubuntu-2204-nvidia-570",
+                                  "status": "READY", "diskSizeGb": "50"}, project="deeplearning-platform-release")
+    return gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
+                    "n1-standard-8", "--accelerator", accelerator, "--nodes", str(nodes), "--yes")
+
+
 def test_n1_clusters_come_up_without_a_compact_placement_policy(gcp, capsys):
     """GCE refuses compact placement for N1 (the fake applies the rule): a 2-node N1 cluster must not ask for it."""
     gce, _, _ = gcp
-    gce.seed("images", "global", {"name": "dlvm-1", "family": "common-cu128-ubuntu-2204-nvidia-570",
-                                  "status": "READY", "diskSizeGb": "50"}, project="deeplearning-platform-release")
-    up = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
-                  "n1-standard-8", "--accelerator", "nvidia-tesla-t4:1", "--nodes", "2", "--yes")
+    up = up_n1(gce, capsys, "nvidia-tesla-t4:1", 2)
     assert up.code == 0, up.text
     assert len([r for _, r in gce.items("instances")]) == 2 and gce.names("resourcePolicies") == set()
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
+
+
+def test_without_a_zone_the_first_zone_that_offers_the_accelerator_is_picked(gcp, capsys):
+    """Regression: the default zone was the region's first catalog zone (us-central1-a), which has no P100 (the fake's
+    acceleratorTypes per zone, and its insert refuses an accelerator the zone lacks)."""
+    gce, _, engines = gcp
+    up = up_n1(gce, capsys, "nvidia-tesla-p100:1", 1)
+    assert up.code == 0, up.text
+    assert f"offered in {REGION}-c, {REGION}-f" in " ".join(up.out.split())
+    assert engines.made[-1].config("demo")["gpuforge:zone"] == f"{REGION}-c"
+    assert [scope for scope, _ in gce.items("instances")] == [f"zones/{REGION}-c"]
     assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
 
 
@@ -236,3 +253,38 @@ def test_a_quota_hit_while_creating_is_told_apart_from_capacity(gcp, capsys, tmp
     assert up.code == 1 and "GPUS_ALL_REGIONS" in up.err and "quota, not for capacity" in up.err
     assert "trying" not in up.out
     assert gpuforge(capsys, "down", "--cluster", "demo", "--yes").code == 0
+
+
+def test_a_type_sold_only_as_spot_is_refused_without_spot_before_anything(gcp, capsys, tmp_path):
+    """A3 High with 1, 2 or 4 GPUs is sold only as Spot or Flex-start VMs (GCE accelerator-optimized machines)."""
+    gce, _, engines = gcp
+    up = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--project", PROJECT, "--instance-type",
+                  "a3-highgpu-4g", "--yes")
+    assert up.code == 1 and "a3-highgpu-4g is sold only as Spot (or Flex-start) VMs; add --spot" in up.err, up.err
+    assert not engines.all_steps() and gce.names("networks") == {"default"}
+    assert not (tmp_path / "home" / "clusters" / "demo").exists()
+
+
+def test_recovery_replaces_a_deleted_instance_in_the_same_zone(gcp, capsys, tmp_path):
+    """A node's VM gone (deleted in the fake Compute endpoint): recovery's bring_back refreshes the stack and brings
+    it up again, which creates that VM anew in its zone; the other node stays as it was."""
+    from provision import inventory
+    from provision.recovery import bring_back
+
+    gce, _, _ = gcp
+    bake_image(gce, "gpuforge-a100-1", "2026-11-01T00:00:00.000-00:00")
+    assert gpuforge(capsys, *UP).code == 0
+    home = tmp_path / "home"
+    before = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
+    lost = sorted(before)[1]
+    with gce.lock:  # gone at once, as a VM Google deleted (the API's delete would need its operation polled)
+        del gce.store["instances"][(PROJECT, before[lost][0])][lost]
+    assert lost not in gce.names("instances")
+
+    cluster = bring_back(inventory.resolve(home, "demo"), home, lambda line: None)
+    after = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
+    assert set(after) == set(before) and after[lost][1] != before[lost][1]
+    assert after[lost][0] == before[lost][0], "the new VM is in the lost one's zone"
+    assert all(after[n] == before[n] for n in before if n != lost), "the healthy node must not be replaced"
+    assert len(cluster.nodes) == 2
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0

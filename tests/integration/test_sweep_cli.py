@@ -24,10 +24,11 @@ GPUFORGE = str(Path(sys.executable).parent / "gpuforge")
 BUILDER = "bake-261201-101010-ab12"
 
 
-def cli(tmp_path: Path, *argv: str, **env: str) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *argv: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     full = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GPUFORGE_"))},
             "GPUFORGE_HOME": str(tmp_path / "home"), "COLUMNS": "200", **env}
-    return subprocess.run([GPUFORGE, *argv], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=120)
+    return subprocess.run([GPUFORGE, *argv], cwd=tmp_path, env=full, input=stdin, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,11 @@ def test_sweep_finds_and_purges_a_crashed_bakes_resources_on_aws(moto_url, tmp_p
     assert listed.returncode == 0, listed.stderr
     assert ours in listed.stdout and stranger not in listed.stdout and BUILDER in listed.stdout
     assert "clusters this controller does not know" in listed.stdout
+
+    declined = cli(tmp_path, "sweep", "--cloud", "aws", "--cluster", BUILDER, "--purge", stdin="n\n", **env)
+    assert declined.returncode == 1 and "delete these 1 resource(s) of " + BUILDER in declined.stdout, declined.stdout
+    assert "nothing was changed" in declined.stderr
+    assert ours in {g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
 
     purged = cli(tmp_path, "sweep", "--cloud", "aws", "--cluster", BUILDER, "--purge", "--yes", **env)
     assert purged.returncode == 0, purged.stderr

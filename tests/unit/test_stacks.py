@@ -133,3 +133,19 @@ def test_malformed_outputs_give_a_clear_error(outputs, fragment):
     with pytest.raises(StackError) as err:
         stacks.cluster_from_outputs(outputs)
     assert fragment in str(err.value)
+
+
+def test_the_workspace_runs_the_packaged_program_in_a_project_of_the_state_dir(monkeypatch, tmp_path):
+    """`fab up` needs no Pulumi.yaml beside the code (a wheel install has none); it names the repo's project, so
+    `pulumi` at the repo root and `fab up` see the same stacks under one backend."""
+    import yaml
+
+    from infra.__main__ import run
+
+    monkeypatch.setenv("PULUMI_CONFIG_PASSPHRASE", "x")
+    opts = stacks.workspace_options(tmp_path)
+    assert opts.program is run
+    assert Path(opts.work_dir) == tmp_path / "pulumi" / "project" and Path(opts.work_dir).is_dir()
+    repo_project = yaml.safe_load((Path(__file__).parents[2] / "Pulumi.yaml").read_text())
+    assert opts.project_settings.name == repo_project["name"] == stacks.PROJECT_NAME
+    assert opts.project_settings.runtime == "python"

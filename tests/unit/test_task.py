@@ -41,6 +41,11 @@ def test_a_full_task_file_loads(tmp_path):
     assert task.outputs.path == "out" and task.outputs.every == 60
 
 
+def test_recovery_is_read_and_defaults_to_none(tmp_path):
+    assert load_task(task_file(tmp_path, "run: x\nrecovery: 3\n"))[0].recovery == 3
+    assert load_task(task_file(tmp_path, "run: x\n", name="other.yaml"))[0].recovery == 0
+
+
 def test_the_name_defaults_to_the_file_name_and_nodes_to_one(tmp_path):
     task, _ = load_task(task_file(tmp_path, "run: python x.py\n", name="My_Job.yaml"))
     assert task.name == "my-job" and task.nodes == 1 and task.outputs is None
@@ -67,6 +72,7 @@ def test_the_name_defaults_to_the_file_name_and_nodes_to_one(tmp_path):
         ("run: x\noutputs: ../elsewhere\n", ["outputs.path: must be a folder inside the run's working directory"]),
         ("run: x\noutputs: {path: out, every: 0}\n", ["outputs.every: Input should be greater than 0"]),
         ("run: x\nworkdir: nope\n", ["workdir nope"]),
+        ("run: x\nrecovery: -1\n", ["recovery: Input should be greater than or equal to 0; got -1"]),
         ("script: missing.py\n", ["script missing.py is not a file in the workdir"]),
         ("- run: x\n", ["a task file is a YAML mapping"]),
         ("run: [\n", ["not readable YAML"]),
@@ -182,6 +188,17 @@ def test_a_home_directory_is_never_shipped(tmp_path, monkeypatch):
     for root in (tmp_path / "home" / "me", tmp_path / "home", tmp_path):
         with pytest.raises(ConfigError, match="it is \\(or holds\\) a home directory"):
             collect_workdir(root)
+
+
+def test_a_workdir_of_tilde_is_the_home_directory_and_so_refused(tmp_path, monkeypatch):
+    """Found trying it as a new user: `workdir: "~"` was taken as a folder named `~` next to the task file."""
+    home = tmp_path / "me"
+    (home / "proj").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    _, workdir = load_task(task_file(home / "proj", 'workdir: "~"\nrun: echo hi\n'))
+    assert workdir == home
+    with pytest.raises(ConfigError, match="it is \\(or holds\\) a home directory"):
+        collect_workdir(workdir)
 
 
 def test_past_the_limit_the_biggest_entries_are_named(tmp_path):

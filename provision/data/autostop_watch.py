@@ -1,0 +1,153 @@
+"""gpuforge autostop watcher: runs on a node (a systemd service on cloud nodes), stops the node when it is idle.
+
+    python3 autostop_watch.py CONFIG.json
+
+Standard library only (it runs under the system's python3, before and without our venv). Every POLL_S it looks for
+work: a run of ours whose supervisor is alive (`<runs_dir>/*/status.json` in state running or starting, as
+workloads/supervise.py writes it), or an SSH connection open to this node's sshd for at least `session_min_s`
+(an interactive `ssh`, a `jupyter`/`tensorboard`/`forward` tunnel, a `logs --follow`, a `setup` in progress; the
+seconds-long probes of `status` do not count). When there has been none for `idle_s`, it stops the node:
+- `poweroff`: the OS shuts down; the cloud then stops (or, as the program set it, terminates) the instance;
+- `stop-sshd`: a local node: its sshd ends (`sshd_pid` 1 is a VM-like node's whole namespace, else the PID in
+  `sshd_pid_file`), which is what a stopped machine looks like from the controller.
+Its state (`state_path`, JSON) says when it will stop, so `fab status` can show the time left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ESTABLISHED = "01"  # /proc/net/tcp's state code (include/net/tcp_states.h)
+ACTIVE_RUN_STATES = ("running", "starting")
+
+
+def active_runs(runs_dir: str) -> list[str]:
+    """Run ids whose supervisor process is alive on this node."""
+    found = []
+    for status in sorted(Path(runs_dir).glob("*/status.json")):
+        try:
+            data = json.loads(status.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = data.get("supervisor_pid")
+        if data.get("state") in ACTIVE_RUN_STATES and isinstance(pid, int) and pid_alive(pid):
+            found.append(status.parent.name)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def decode_address(text: str) -> tuple[str, int]:
+    """/proc/net/tcp's `0100007F:0016` -> ('127.0.0.1', 22); IPv6 addresses come back as hex."""
+    address, port = text.split(":")
+    if len(address) == 8:
+        address = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+    return address, int(port, 16)
+
+
+def ssh_connections(port: int, address: str = "") -> set[str]:
+    """Established TCP connections to our sshd (its port, and its address when it listens on one), as
+    `local>remote` keys."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != ESTABLISHED:
+                continue
+            local, remote = decode_address(fields[1]), fields[2]
+            if local[1] == port and (not address or local[0] == address):
+                found.add(f"{fields[1]}>{remote}")
+    return found
+
+
+class Watcher:
+    def __init__(self, config: dict):
+        self.config = config
+        self.idle_s = float(config["idle_s"])
+        self.poll_s = float(config.get("poll_s", 15))
+        self.session_min_s = float(config.get("session_min_s", 30))
+        self.first_seen: dict[str, float] = {}
+        self.last_busy = time.time()
+
+    def busy_reasons(self, now: float) -> list[str]:
+        reasons = [f"run {run}" for run in active_runs(self.config["runs_dir"])]
+        connections = ssh_connections(int(self.config["ssh_port"]), self.config.get("ssh_address", ""))
+        self.first_seen = {key: self.first_seen.get(key, now) for key in connections}
+        sessions = [key for key, since in self.first_seen.items() if now - since >= self.session_min_s]
+        if sessions:
+            reasons.append(f"{len(sessions)} ssh session(s)")
+        return reasons
+
+    def write_state(self, now: float, reasons: list[str], state: str) -> None:
+        path = Path(self.config["state_path"])
+        data = {"state": state, "checked_at": now, "idle_since": self.last_busy, "idle_s": self.idle_s,
+                "stop_at": self.last_busy + self.idle_s, "busy": reasons, "action": self.config["action"],
+                "pid": os.getpid()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.chmod(tmp, 0o644)
+        tmp.replace(path)
+
+    def step(self, now: float) -> bool:
+        """One look; True when the node must stop now."""
+        reasons = self.busy_reasons(now)
+        if reasons:
+            self.last_busy = now
+        due = not reasons and now - self.last_busy >= self.idle_s
+        self.write_state(now, reasons, "stopping" if due else ("busy" if reasons else "idle"))
+        return due
+
+    def stop_node(self) -> None:
+        action = self.config["action"]
+        log(f"idle for {self.idle_s:.0f} s: {action}")
+        if action == "poweroff":
+            subprocess.run(["systemctl", "poweroff"], check=False)
+            return
+        pid = int(self.config.get("sshd_pid") or 0) or read_pid(self.config.get("sshd_pid_file", ""))
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+
+    def run(self) -> None:
+        while True:
+            if self.step(time.time()):
+                self.stop_node()
+                return
+            time.sleep(self.poll_s)
+
+
+def read_pid(path: str) -> int:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def log(text: str) -> None:
+    print(f"gpuforge-autostop: {text}", flush=True)
+
+
+def main() -> None:
+    config = json.loads(Path(sys.argv[1]).read_text())
+    Watcher(config).run()
+
+
+if __name__ == "__main__":
+    main()
