@@ -1,7 +1,7 @@
 """The step runner behind `fab setup`: every step on every node, nodes in parallel.
 
-Per node: connect (waiting for SSH), gather facts, read the step markers in one command, then
-for each step: skip it when it does not apply (and say why), leave it when its marker fingerprint
+Per node: connect (waiting for SSH); one command gathers the facts, reads the step markers and runs
+every step's probe (provision/first_look.py); then for each step: skip it when it does not apply (and say why), leave it when its marker fingerprint
 matches and its check passes, otherwise apply it and write the marker. A failed or unreachable
 node is reported with its address, the failing step, the command and its output tail; the other
 nodes finish; re-running completes the failed node.
@@ -22,6 +22,7 @@ from typing import Any, Callable
 from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import NodeUnreachableError, ProvisionError, SshError, StepError
 from provision.facts import GATHER_COMMAND, Facts, check_driver_sees_all, parse_facts
+from provision.first_look import ProbeResult, first_look_command, parse_first_look
 from provision.support import check_supported
 from infra.ssh import known_hosts_path, open_connection, wait_for_ssh
 from provision.steps import all_steps
@@ -106,19 +107,6 @@ def marker_dir(ctx: StepContext) -> str:
     return f"{ctx.workdir}/.gpuforge/markers"
 
 
-def read_markers(conn: Any, ctx: StepContext) -> dict[str, str]:
-    """All step markers of a node in one command: {step: fingerprint}."""
-    result = conn.run(f"cat {shlex.quote(marker_dir(ctx))}/*.json 2>/dev/null", hide=True, warn=True)
-    markers = {}
-    for line in result.stdout.splitlines():
-        try:
-            record = json.loads(line)
-            markers[record["step"]] = record["fingerprint"]
-        except (ValueError, KeyError):
-            continue
-    return markers
-
-
 def write_marker(conn: Any, ctx: StepContext, step: Step, fingerprint: str) -> None:
     record = json.dumps({"step": step.name, "fingerprint": fingerprint, "time": round(time.time())})
     path = shlex.quote(f"{marker_dir(ctx)}/{step.name}.json")
@@ -132,6 +120,13 @@ def clear_marker(conn: Any, ctx: StepContext, step: Step) -> None:
 def gather_facts(conn: Any) -> Facts:
     result = conn.run(GATHER_COMMAND, hide=True, warn=True)
     return parse_facts(result.stdout)
+
+
+def first_look(conn: Any, ctx: StepContext, steps: list[Step]) -> tuple[Facts, dict[str, str], dict[str, ProbeResult]]:
+    """Facts, markers and every step's probe result, in one command."""
+    probes = {step.name: probe for step in steps if (probe := step.probe(ctx))}
+    look = parse_first_look(conn.run(first_look_command(marker_dir(ctx), probes), hide=True, warn=True).stdout)
+    return parse_facts(look.facts_output), look.markers, look.probes
 
 
 class Runner:
@@ -161,16 +156,16 @@ class Runner:
             self.on_event(node.name, "ssh", "running")
             conn = LoggedConnection(wait_for_ssh(self.cluster, node, self.ssh_wait), log)
             self.on_event(node.name, "facts", "running")
-            report.facts = ctx.facts = gather_facts(conn)
+            report.facts, markers, probed = first_look(conn, ctx, self.steps)
+            ctx.facts = report.facts
             log.write(f"facts: {report.facts.summary()}")
             check_supported(report.facts)
             if self.validate_facts is not None:
                 self.validate_facts(node, report.facts)
-            markers = read_markers(conn, ctx)
             for step in self.steps:
                 current = step.name
                 self.on_event(node.name, step.name, "running")
-                report.steps.append(self.run_step(conn, ctx, step, markers, dry_run, report))
+                report.steps.append(self.run_step(conn, ctx, step, markers, dry_run, report, probed))
                 report.facts = ctx.facts  # a reboot re-gathers them: the driver is there now
                 self.on_event(node.name, step.name, report.steps[-1].status)
         except StepError as exc:
@@ -194,23 +189,27 @@ class Runner:
         return report
 
     def run_step(self, conn: Any, ctx: StepContext, step: Step, markers: dict[str, str], dry_run: bool,
-                 report: NodeReport) -> StepReport:
+                 report: NodeReport, probed: dict[str, ProbeResult] | None = None) -> StepReport:
+        """`probed`: probe results from the node's first command, good until this run writes to the node."""
+        probed = {} if probed is None else probed
         started = time.monotonic()
         reason = step.skip_reason(ctx)
         if reason:
             return StepReport(step.name, SKIPPED, reason)
         fingerprint = step.fingerprint(ctx)
-        if markers.get(step.name) == fingerprint and step.check(conn, ctx):
+        if markers.get(step.name) == fingerprint and check_step(conn, ctx, step, probed):
             return StepReport(step.name, UNCHANGED, "already in place", time.monotonic() - started)
         if dry_run:
             report.plan.append((step.name, step.plan(ctx)))
             return StepReport(step.name, PLANNED, "would run")
         if step.name in markers:
+            probed.clear()  # the node changes from here on: later checks ask it again
             clear_marker(conn, ctx, step)  # a half-applied step must not look done if this run dies
-        elif has_own_check(step) and step.check(conn, ctx):
+        elif has_own_check(step) and check_step(conn, ctx, step, probed):
             write_marker(conn, ctx, step, fingerprint)  # right already: a Deep Learning AMI's driver, a baked image
             note = step.existing_note(ctx) or "already in place on this node"
             return StepReport(step.name, UNCHANGED, note, time.monotonic() - started)
+        probed.clear()
         step.apply(conn, ctx)
         write_marker(conn, ctx, step, fingerprint)
         return StepReport(step.name, CHANGED, step.description, time.monotonic() - started)
@@ -244,7 +243,14 @@ class Runner:
 
 def has_own_check(step: Step) -> bool:
     """Steps that inspect the node itself (not only the marker) can recognise work done elsewhere."""
-    return type(step).check is not Step.check
+    return type(step).check is not Step.check or type(step).probe is not Step.probe
+
+
+def check_step(conn: Any, ctx: StepContext, step: Step, probed: dict[str, ProbeResult]) -> bool:
+    """The step's check, from its probe's result in the first command while that still holds."""
+    if step.name in probed and type(step).check is Step.check:
+        return step.judge(ctx, probed[step.name])
+    return step.check(conn, ctx)
 
 
 def reopen(conn: Any, cluster: ClusterInfo, node: NodeInfo, timeout: float) -> None:

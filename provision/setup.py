@@ -87,11 +87,11 @@ def check_cluster_allreduce(cluster: ClusterInfo, home: Path, reports: list[Node
                             pip_index: str = ""):
     """After every node passed: the cross-node all-reduce (always on GPU clusters, on CPU ones when
     forced). Returns its result, or None when it does not apply."""
-    from provision.allreduce_check import run_allreduce
-
     gpus = any(r.facts is not None and r.facts.has_gpu for r in reports)
     if not (gpus or force) or any(not r.ok for r in reports):
         return None
+    from provision.allreduce_check import run_allreduce
+
     return run_allreduce(cluster, list(cluster.nodes), gpus, step_options(cluster, home, pip_index))
 
 

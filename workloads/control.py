@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infra.cluster import ClusterInfo, NodeInfo
-from workloads.remote import on_nodes
+from workloads.remote import Connections, on_nodes
 from workloads.runs import TERMINAL, LaunchError, NodeStatus, RunStatus, find_record, load_record, record_nodes, runs_dir
 
 FETCH_SKIP = re.compile(r"^(step-\d+|nodes)/")  # checkpoints stay in storage unless asked for
@@ -58,26 +58,27 @@ def node_status(conn: Any, node: NodeInfo, run_id: str) -> NodeStatus:
                       failed_rank=status.get("failed_rank"), error=status.get("error", ""))
 
 
-def run_status(cluster: ClusterInfo, home: Path, run_id: str | None = None, enforce: bool = True) -> RunStatus:
+def run_status(cluster: ClusterInfo, home: Path, run_id: str | None = None, enforce: bool = True,
+               pool: Connections | None = None) -> RunStatus:
     """Every node's state; with `enforce`, a failed run's still-running nodes are stopped (fail-fast)."""
     record = load_record(home, cluster, run_id)
     run_id = record["spec"]["run_id"]
     nodes = record_nodes(cluster, record)
-    results = on_nodes(cluster, nodes, lambda c, n: node_status(c, n, run_id))
+    results = on_nodes(cluster, nodes, lambda c, n: node_status(c, n, run_id), pool)
     statuses = [r if not isinstance(r, Exception) else NodeStatus(n.name, n.rank, "unreachable", str(r))
                 for n, r in zip(nodes, results)]
     status = RunStatus(run_id, statuses)
     if enforce and status.state == "failed" and any(n.state == "running" for n in statuses):
-        stop_run(cluster, nodes, run_id)
-        return run_status(cluster, home, run_id, enforce=False)
+        stop_run(cluster, nodes, run_id, pool)
+        return run_status(cluster, home, run_id, enforce=False, pool=pool)
     return status
 
 
-def busy_runs(cluster: ClusterInfo, nodes: list[NodeInfo] | None = None) -> dict[str, list[str]]:
+def busy_runs(cluster: ClusterInfo, nodes: list[NodeInfo] | None = None, pool: Connections | None = None) -> dict[str, list[str]]:
     """run id -> the nodes where its supervisor is alive (unreachable nodes are skipped)."""
     nodes = list(nodes or cluster.nodes)
     results = on_nodes(cluster, nodes, lambda c, n: c.run(BUSY_PROBE.format(w=shlex.quote(n.workdir)), hide=True,
-                                                          warn=True).stdout.split())
+                                                          warn=True).stdout.split(), pool)
     busy: dict[str, list[str]] = {}
     for node, ids in zip(nodes, results):
         for run_id in ([] if isinstance(ids, Exception) else ids):
@@ -85,10 +86,10 @@ def busy_runs(cluster: ClusterInfo, nodes: list[NodeInfo] | None = None) -> dict
     return busy
 
 
-def stop_run(cluster: ClusterInfo, nodes: list[NodeInfo], run_id: str) -> list[Any]:
+def stop_run(cluster: ClusterInfo, nodes: list[NodeInfo], run_id: str, pool: Connections | None = None) -> list[Any]:
     """Stop the run's process groups on `nodes` (the supervisor forwards SIGTERM, then SIGKILL)."""
     return on_nodes(cluster, nodes, lambda c, n: c.run(CANCEL_SCRIPT.format(d=shlex.quote(run_dir(n, run_id))),
-                                                         hide=True, warn=True))
+                                                         hide=True, warn=True), pool)
 
 
 def cancel_run(cluster: ClusterInfo, home: Path, run_id: str | None = None) -> list[str]:
@@ -134,39 +135,92 @@ def logs(cluster: ClusterInfo, home: Path, run_id: str | None = None, node: str 
     return {n.name: (r if not isinstance(r, Exception) else f"<unreachable: {r}>") for n, r in zip(nodes, results)}
 
 
+FOLLOW_SCRIPT = (
+    # rank 0's log from byte {start}, as it grows, until that node's status.json says the run ended there (read
+    # with builtins every 0.1 s); also ends when its supervisor is gone without saying so, or never wrote a status.
+    # Not `tail --pid`: an exited supervisor stays a zombie until init reaps it, which can take seconds.
+    "d={d}; tail -c +{start} -F $d/output.log 2>/dev/null & t=$!; n=0; "
+    "while :; do s=; p=; "
+    "while IFS= read -r l; do case \"$l\" in "
+    "' \"state\": \"'*) s=${{l#*: \\\"}}; s=${{s%%\\\"*}};; "
+    "' \"supervisor_pid\": '*) p=${{l#*: }}; p=${{p%,}};; esac; done 2>/dev/null < $d/status.json; "
+    "case \"$s\" in succeeded|failed|cancelled|stopped) break;; esac; "
+    "if [ -z \"$p\" ]; then n=$((n + 1)); [ $n -gt 100 ] && break; elif ! kill -0 \"$p\" 2>/dev/null; then break; fi; "
+    "sleep 0.1; done; sleep 0.2; kill $t 2>/dev/null; wait $t 2>/dev/null; true"
+)
+FOLLOW_POLL_S = 1.0  # how often the other nodes are asked while rank 0's log streams (a failure there stops rank 0)
+ENDING_POLL_S = 0.05  # after rank 0's supervisor exits: until every node has written its final state
+STREAM_END_S = 10.0  # how long rank 0's stream may outlast the run's final state, and the others rank 0's
+
+
+class LineWriter:
+    """A file-like sink for Fabric's output stream: whole lines go to `out`, a line's start waits for its end."""
+
+    def __init__(self, out: Callable[[str], None]):
+        self.out, self.pending, self.bytes = out, "", 0
+
+    def write(self, text: str) -> None:
+        self.bytes += len(text.encode())
+        complete, _, self.pending = (self.pending + text).rpartition("\n")
+        if complete.rstrip("\n"):
+            self.out(complete.rstrip("\n"))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.pending.rstrip("\n"):
+            self.out(self.pending.rstrip("\n"))
+        self.pending = ""
+
+
 def follow_run(cluster: ClusterInfo, home: Path, run_id: str | None = None, out: Callable[[str], None] = print,
-               poll: float = 1.0, timeout: float | None = None) -> RunStatus:
-    """Stream rank 0's output until the run ends (stopping the others on a failure); the final status."""
-    from infra.ssh import connect
+               poll: float = FOLLOW_POLL_S, timeout: float | None = None) -> RunStatus:
+    """Stream rank 0's output until the run ends (stopping the others on a failure); the final status.
+
+    The log comes as it is written, over one SSH channel (`tail --pid` on rank 0's node, which ends when that
+    node's supervisor does); the nodes' states are read over connections kept open for the whole follow."""
+    import threading
 
     record = load_record(home, cluster, run_id)
     run_id = record["spec"]["run_id"]
     head = record_nodes(cluster, record)[0]
-    conn = connect(cluster, head)
-    offset, deadline = 0, time.monotonic() + timeout if timeout else None
-    pending = ""  # a line's start, until its end arrives: a line is never cut in two
+    deadline = time.monotonic() + timeout if timeout else None
+    sink = LineWriter(out)
+    with Connections(cluster) as pool:
+        status = run_status(cluster, home, run_id, pool=pool)
+        offset = 0
+        if status.state == "running":
+            conn = pool.get(head)  # the stream is a channel of its own on the same connection
+            script = FOLLOW_SCRIPT.format(d=shlex.quote(run_dir(head, run_id)), start=1)
 
-    def show(text: str, last: bool = False) -> None:
-        nonlocal pending
-        pending += text
-        complete, sep, pending = pending.rpartition("\n") if not last else (pending, "", "")
-        if complete.rstrip("\n"):
-            out(complete.rstrip("\n"))
+            def stream() -> None:
+                try:
+                    conn.run(script, hide="err", warn=True, out_stream=sink)
+                except Exception:  # noqa: BLE001 - a dropped stream: what it missed is read below
+                    pass
 
-    try:
-        while True:
-            text, offset = read_log(conn, head, run_id, offset)
-            show(text)
-            status = run_status(cluster, home, run_id)
-            if status.state != "running":
-                text, offset = read_log(conn, head, run_id, offset)
-                show(text, last=True)
+            tailing = threading.Thread(target=stream, daemon=True, name="follow-log")
+            tailing.start()
+            stream_ended = 0.0
+            while status.state == "running":
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LaunchError(f"run {run_id} still running after {timeout:.0f} s")
+                if tailing.is_alive():
+                    tailing.join(poll)
+                else:  # rank 0 ended: the others end with it (asked often for a while), or are stopped
+                    stream_ended = stream_ended or time.monotonic()
+                    time.sleep(ENDING_POLL_S if time.monotonic() - stream_ended < STREAM_END_S else poll)
+                status = run_status(cluster, home, run_id, pool=pool)
+            tailing.join(STREAM_END_S)  # the stream stops ~0.3 s after rank 0's final state
+            if tailing.is_alive():  # rank 0 still stopping: what the stream showed stays shown, nothing twice
+                sink.close()
                 return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise LaunchError(f"run {run_id} still running after {timeout:.0f} s")
-            time.sleep(poll)
-    finally:
-        conn.close()
+            offset = sink.bytes
+        text, _ = read_log(pool.get(head), head, run_id, offset)  # what the stream had not shown (all of an ended run)
+        sink.write(text)
+        sink.close()
+        return status
 
 
 def fetch_run(cluster: ClusterInfo, home: Path, run_id: str | None, dest: Path, checkpoints: bool = False) -> list[Path]:

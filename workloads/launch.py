@@ -32,7 +32,7 @@ from infra.cluster import ClusterInfo, NodeInfo
 from workloads.control import (busy_runs, cancel_run, exec_on_nodes, fetch_run, follow_run, logs, node_status,
                                read_log, run_dir, run_status, stop_run)
 from workloads.errors import ConfigError
-from workloads.remote import on_nodes, raise_first
+from workloads.remote import Connections, on_nodes, raise_first
 from workloads.runs import LaunchError, find_record, load_record, save_record
 
 logger = logging.getLogger(__name__)
@@ -226,16 +226,18 @@ def check_tensorflow(conn: Any, node: NodeInfo) -> None:
 
 def pick_port(conn: Any, node: NodeInfo) -> int:
     probe = f"import socket; s = socket.socket(); s.bind(({node.private_address!r}, 0)); print(s.getsockname()[1])"
-    result = conn.run(f"{shlex.quote(venv_of(node) + '/bin/python')} -c {shlex.quote(probe)}", hide=True)
+    # -S -I: no site-packages (a venv's .pth files cost tens of ms), nothing from the environment; socket is stdlib
+    result = conn.run(f"{shlex.quote(venv_of(node) + '/bin/python')} -S -I -c {shlex.quote(probe)}", hide=True)
     return int(result.stdout.strip())
 
 
-def pick_worker_ports(cluster: ClusterInfo, nodes: list[NodeInfo], taken: set[int]) -> list[int]:
+def pick_worker_ports(cluster: ClusterInfo, nodes: list[NodeInfo], taken: set[int],
+                      pool: Connections | None = None) -> list[int]:
     """A free port per node for TensorFlow's workers, all different (local nodes share one port space)."""
     ports: list[int] = []
     for node in nodes:
         for _ in range(20):
-            port = on_nodes(cluster, [node], pick_port)[0]
+            port = on_nodes(cluster, [node], pick_port, pool)[0]
             raise_first([port], [node], "choosing a TensorFlow worker port")
             if port not in taken:
                 break
@@ -267,8 +269,8 @@ def check_run_id(home: Path, cluster: ClusterInfo, spec: RunSpec) -> int:
     return int(record.get("attempt", 1)) + 1
 
 
-def check_not_busy(cluster: ClusterInfo, nodes: list[NodeInfo]) -> None:
-    busy = busy_runs(cluster, nodes)
+def check_not_busy(cluster: ClusterInfo, nodes: list[NodeInfo], pool: Connections | None = None) -> None:
+    busy = busy_runs(cluster, nodes, pool)
     if busy:
         what = "; ".join(f"run {rid} on {', '.join(names)}" for rid, names in sorted(busy.items()))
         raise ConfigError(f"the nodes are busy: {what} is running; wait for it (`fab logs --follow`), "
@@ -281,8 +283,7 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
 
     `secrets` are the values of `spec.secrets` (see workloads/secretfile.py); `bundle` is the workdir
     already collected (workloads/ship.py), else it is collected here."""
-    from workloads.secretfile import put_secret_file
-    from workloads.ship import DEFAULT_LIMIT_MB, code_dir, collect_workdir, ship_bundle
+    from workloads.ship import DEFAULT_LIMIT_MB, collect_workdir, ship_bundle
 
     nodes = validate_spec(cluster, spec)
     secrets = secrets or {}
@@ -292,47 +293,56 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
     if spec.workdir and bundle is None:
         bundle = collect_workdir(Path(spec.workdir), spec.ship_limit_mb or DEFAULT_LIMIT_MB)
     attempt = check_run_id(home, cluster, spec)
-    raise_first(on_nodes(cluster, nodes, check_ready), nodes, "checking the node")
-    if is_tensorflow_job(spec):
-        raise_first(on_nodes(cluster, nodes, check_tensorflow), nodes, "checking the node")
-    check_not_busy(cluster, nodes)
-    port = on_nodes(cluster, nodes[:1], pick_port)[0]
-    raise_first([port], nodes[:1], "choosing the master port")
-    worker_ports = pick_worker_ports(cluster, nodes, {port}) if is_tensorflow_job(spec) else None
-    if bundle is not None:
-        ship_bundle(cluster, nodes, bundle)
-    save_record(home, cluster, spec, nodes, port, attempt)
-
-    def start(conn: Any, node: NodeInfo) -> None:
-        directory = run_dir(node, spec.run_id)
-        d = shlex.quote(directory)
-        command, cwd = node_command(spec, nodes, node, port)
-        if attempt > 1:  # keep the earlier attempt's log; its state must not look like this one's
-            conn.run(f"cd {d} && (test -f output.log && mv output.log output.{attempt - 1}.log; "
-                     f"rm -rf status.json progress.json code secrets.json)", hide=True, warn=True)
-        conn.run(f"mkdir -p {d}", hide=True)
+    with Connections(cluster) as pool:  # one SSH handshake per node for the whole start
+        raise_first(on_nodes(cluster, nodes, check_ready, pool), nodes, "checking the node")
+        if is_tensorflow_job(spec):
+            raise_first(on_nodes(cluster, nodes, check_tensorflow, pool), nodes, "checking the node")
+        check_not_busy(cluster, nodes, pool)
+        port = on_nodes(cluster, nodes[:1], pick_port, pool)[0]
+        raise_first([port], nodes[:1], "choosing the master port")
+        worker_ports = pick_worker_ports(cluster, nodes, {port}, pool) if is_tensorflow_job(spec) else None
         if bundle is not None:
-            conn.run(f"cp -a {shlex.quote(code_dir(node.workdir, bundle.digest))} {shlex.quote(cwd)} "
-                     f"&& rm -f {shlex.quote(cwd)}/.gpuforge-complete", hide=True)
-        run_spec = {"run_id": spec.run_id, "node": node.name, "node_rank": node.rank, "nnodes": len(nodes),
-                    "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port, worker_ports),
-                    "venv": venv_of(node), "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
-                    "start_timeout": spec.start_timeout if spec.job else 0, "attempt": attempt,
-                    "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else "",
-                    "preemption": preemption_watch(cluster)}
-        conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
-        if secrets:
-            put_secret_file(conn, f"{directory}/secrets.json", secrets)
-        python = shlex.quote(f"{venv_of(node)}/bin/python")
-        # The redirections apply to the whole background group, so nothing holds the SSH channel open.
-        conn.run(f"(cd {d} && exec setsid nohup {python} -m workloads.supervise --run-dir {d}) "
-                 f"> {d}/supervisor.out 2>&1 < /dev/null &", hide=True, pty=False)
-
-    results = on_nodes(cluster, nodes, start)
-    if any(isinstance(r, Exception) for r in results):
-        stop_run(cluster, nodes, spec.run_id)  # never leave half a run behind
-        raise_first(results, nodes, "starting the run")
+            ship_bundle(cluster, nodes, bundle, pool)
+        save_record(home, cluster, spec, nodes, port, attempt)
+        results = on_nodes(cluster, nodes, lambda conn, node: start_node(conn, node, cluster, spec, nodes, port, attempt,
+                                                                       worker_ports, bundle, secrets), pool)
+        if any(isinstance(r, Exception) for r in results):
+            stop_run(cluster, nodes, spec.run_id, pool)  # never leave half a run behind
+            raise_first(results, nodes, "starting the run")
     return nodes
+
+
+def start_node(conn: Any, node: NodeInfo, cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], port: int,
+               attempt: int, worker_ports: list[int] | None, bundle: Any, secrets: dict[str, str]) -> None:
+    """The run's folder on one node (the earlier attempt's log kept, the shipped code copied in), its run.json
+    and secrets, then its supervisor, detached."""
+    from workloads.secretfile import put_secret_file
+    from workloads.ship import code_dir
+
+    directory = run_dir(node, spec.run_id)
+    d = shlex.quote(directory)
+    command, cwd = node_command(spec, nodes, node, port)
+    prepare = f"mkdir -p {d}"
+    if attempt > 1:  # keep the earlier attempt's log; its state must not look like this one's
+        prepare = (f"(cd {d} && (test -f output.log && mv output.log output.{attempt - 1}.log; "
+                   f"rm -rf status.json progress.json code secrets.json)); {prepare}")
+    if bundle is not None:
+        prepare += (f" && cp -a {shlex.quote(code_dir(node.workdir, bundle.digest))} {shlex.quote(cwd)} "
+                    f"&& rm -f {shlex.quote(cwd)}/.gpuforge-complete")
+    conn.run(prepare, hide=True)
+    run_spec = {"run_id": spec.run_id, "node": node.name, "node_rank": node.rank, "nnodes": len(nodes),
+                "command": command, "cwd": cwd, "env": run_env(cluster, spec, nodes, node, port, worker_ports),
+                "venv": venv_of(node), "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
+                "start_timeout": spec.start_timeout if spec.job else 0, "attempt": attempt,
+                "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else "",
+                "preemption": preemption_watch(cluster)}
+    conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
+    if secrets:
+        put_secret_file(conn, f"{directory}/secrets.json", secrets)
+    python = shlex.quote(f"{venv_of(node)}/bin/python")
+    # The redirections apply to the whole background group, so nothing holds the SSH channel open.
+    conn.run(f"(cd {d} && exec setsid nohup {python} -m workloads.supervise --run-dir {d}) "
+             f"> {d}/supervisor.out 2>&1 < /dev/null &", hide=True, pty=False)
 
 
 def resume_spec(home: Path, cluster: ClusterInfo, run_id: str) -> RunSpec:

@@ -206,7 +206,7 @@ def code_dir(node_workdir: str, digest: str) -> str:
     return f"{node_workdir}/code/{digest}"
 
 
-def ship_bundle(cluster, nodes, bundle: Bundle) -> list[bool]:
+def ship_bundle(cluster, nodes, bundle: Bundle, pool=None) -> list[bool]:
     """Put the bundle on every node that lacks it (extracted, then marked complete); per node, whether it moved."""
     from workloads.remote import on_nodes, raise_first
 
@@ -226,7 +226,7 @@ def ship_bundle(cluster, nodes, bundle: Bundle) -> list[bool]:
 
     archive.append(bundle.archive())
     try:
-        results = on_nodes(cluster, nodes, ship)
+        results = on_nodes(cluster, nodes, ship, pool)  # pool: open connections to reuse (workloads/remote.py)
     finally:
         archive[0].unlink(missing_ok=True)
     raise_first(results, nodes, "shipping the code")

@@ -19,7 +19,6 @@ message has one line per bad field (unknown keys are refused with the valid ones
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workloads.env_overrides import ENV_NAME, RESERVED_ENVS
 from workloads.errors import ConfigError
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CLOUDS = ("local", "aws", "gcp")
 DEFAULT_OUTPUTS_EVERY_S = 300.0  # "every few minutes": a lost node costs at most this much of its outputs
-# Variables the launcher sets for every process; a task may not redefine them (they describe the cluster).
-RESERVED_ENVS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "NPROC_PER_NODE", "RANK", "WORLD_SIZE",
-                 "LOCAL_RANK", "GPUFORGE_RUN_ID", "GPUFORGE_STORAGE", "GPUFORGE_RUN_DIR", "GPUFORGE_NODE",
-                 "GPUFORGE_OUTPUTS")
 
 
 class Strict(BaseModel):
@@ -218,23 +213,6 @@ def error_lines(where: str, exc: ValidationError) -> list[str]:
         else:
             lines.append(f"{where}: {loc}: {msg}; got {err['input']!r}")
     return lines
-
-
-def parse_env_overrides(items: list[str]) -> dict[str, str]:
-    """`--env K=V` words (repeatable); `--env K` takes K's value from this machine's environment."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not ENV_NAME.match(key):
-            raise ConfigError(f"--env {item!r}: expected NAME=VALUE (NAME letters, digits and '_')")
-        if key in RESERVED_ENVS:
-            raise ConfigError(f"--env {key}: set by gpuforge for every process; pick another name")
-        if not sep:
-            if key not in os.environ:
-                raise ConfigError(f"--env {key}: no value given and ${key} is not set here")
-            value = os.environ[key]
-        out[key] = value
-    return out
 
 
 def default_name(stem: str, fallback: str) -> str:

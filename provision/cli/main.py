@@ -33,21 +33,33 @@ def namespace() -> Collection:
 
 
 class GpuforgeProgram(Program):
-    """Invoke's Program, plus our argv conveniences before the task words are parsed."""
+    """Invoke's Program, plus our argv conveniences before the task words are parsed, and our version looked up
+    only for `--version` (importlib.metadata costs every other command ~30 ms)."""
 
     def parse_tasks(self) -> None:
         argv.adopt_argv(self.core, self.argv[1:], self.collection)
         super().parse_tasks()
 
+    @property
+    def version(self) -> str:
+        return release()
 
-def program() -> GpuforgeProgram:
+    @version.setter
+    def version(self, value: str) -> None:
+        pass  # Program.__init__ sets it; ours is looked up when asked for
+
+
+def release() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        release = version("gpuforge")
+        return version("gpuforge")
     except PackageNotFoundError:
-        release = "source"
-    return GpuforgeProgram(name="gpuforge", binary="gpuforge", version=release, namespace=namespace())
+        return "source"
+
+
+def program() -> GpuforgeProgram:
+    return GpuforgeProgram(name="gpuforge", binary="gpuforge", namespace=namespace())
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=Fa
           start_timeout=900.0, resume=False, env=None, list=False, max_ship_mb=0.0, recover=0):
     """Start a job (or your script) with torchrun on the cluster's nodes: train --job NAME | --script FILE -- ARGS."""
     from workloads.launch import RunSpec, resume_spec, start_run
-    from workloads.task import parse_env_overrides
+    from workloads.env_overrides import parse_env_overrides
 
     if list:
         from workloads.jobs import describe_jobs

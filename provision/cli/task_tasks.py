@@ -37,7 +37,8 @@ from provision.cli.run_tasks import ENV_HELP, exit_status
 def launch(c, task_file, cluster=None, run_id="", resume=False, down=False, env=None, detach=False, dest="runs",
            max_ship_mb=0.0):
     """Run a task file: create the cluster if needed, set it up, run the task's setup, start the run, follow it."""
-    from workloads.task import load_task, parse_env_overrides
+    from workloads.env_overrides import parse_env_overrides
+    from workloads.task import load_task
     from workloads.task_launch import prepare_task
 
     home = inventory.home_dir()

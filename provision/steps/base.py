@@ -126,9 +126,23 @@ class Step:
         """Hash of the inputs; a changed fingerprint re-runs the step."""
         return fingerprint_of(self.name, [c.run for c in self.plan(ctx)])
 
+    def probe(self, ctx: StepContext) -> str | None:
+        """A read-only command whose result decides `check` (through `judge`), or None. It may use the node's
+        paths and the run's options, never its facts: the runner sends every step's probe in the node's first
+        command, beside the facts, so that a re-run that finds everything in place costs one round trip."""
+        return None
+
+    def judge(self, ctx: StepContext, result: Any) -> bool:
+        """`check` from the probe's result (`.ok`, `.stdout`): by default, the probe succeeded."""
+        return result.ok
+
     def check(self, conn: Any, ctx: StepContext) -> bool:
-        """Is the step's effect already in place on the node? Default: trust the marker alone."""
-        return True
+        """Is the step's effect already in place on the node? Default: the probe's verdict, or, without a
+        probe, trust the marker alone."""
+        probe = self.probe(ctx)
+        if probe is None:
+            return True
+        return self.judge(ctx, conn.run(probe, hide=True, warn=True))
 
     def existing_note(self, ctx: StepContext) -> str:
         """What the node already had, when `check` found the step's work done without a marker."""

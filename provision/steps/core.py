@@ -43,8 +43,8 @@ class BaseStep(Step):
                 sudo=True, desc="python3 with venv", timeout=600, env=apt_install(desc="").env),
         ]
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
-        return conn.run(f"test -d {q(ctx.workdir)}/.gpuforge/markers", hide=True, warn=True).ok
+    def probe(self, ctx: StepContext) -> str:
+        return f"test -d {q(ctx.workdir)}/.gpuforge/markers"
 
 
 class PythonEnvStep(Step):
@@ -93,18 +93,20 @@ class PythonEnvStep(Step):
             return fingerprint_of(self.name, [c.run for c in self.plan(ctx)], self.expected_torch(ctx))
         return fingerprint_of(self.name, self.expected_torch(ctx)[0], lock_digest())
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
-        """The venv's python runs, torch is the expected build (local label included: `2.13.0+cu126` is not
-        `2.13.0+cu130`), and the venv was installed from this lock. Read from the installed distribution's
-        folder name and a stamp (no interpreter start, which would cost ~60 ms per node)."""
+    def probe(self, ctx: StepContext) -> str:
+        """The venv's python, the stamp of the lock it was installed from and the installed torch's folder name
+        (no interpreter start, which would cost ~60 ms per node)."""
         if ctx.shares_controller:
-            probe = (f"test -x {q(ctx.python)} && test -x {q(ctx.venv)}/bin/pip && "
-                     f"cat {q(ctx.venv)}/lib/python3*/site-packages/gpuforge-controller.pth")
-            result = conn.run(probe, hide=True, warn=True)
+            return (f"test -x {q(ctx.python)} && test -x {q(ctx.venv)}/bin/pip && "
+                    f"cat {q(ctx.venv)}/lib/python3*/site-packages/gpuforge-controller.pth")
+        return (f"test -x {q(ctx.python)} && cat {q(ctx.venv + '/' + LOCK_STAMP)} && "
+                f"ls -d {q(ctx.venv)}/lib/python3*/site-packages/torch-*.dist-info")
+
+    def judge(self, ctx: StepContext, result: Any) -> bool:
+        """The venv's python runs, torch is the expected build (local label included: `2.13.0+cu126` is not
+        `2.13.0+cu130`), and the venv was installed from this lock."""
+        if ctx.shares_controller:
             return result.ok and result.stdout.strip() == ctx.options["controller_site"]
-        probe = (f"test -x {q(ctx.python)} && cat {q(ctx.venv + '/' + LOCK_STAMP)} && "
-                 f"ls -d {q(ctx.venv)}/lib/python3*/site-packages/torch-*.dist-info")
-        result = conn.run(probe, hide=True, warn=True)
         lines = result.stdout.split() if result.ok else []
         if len(lines) != 2 or lines[0] != lock_digest():
             return False
@@ -144,8 +146,10 @@ class WorkloadStep(Step):
     def fingerprint(self, ctx: StepContext) -> str:
         return fingerprint_of(self.name, ctx.options["source_fingerprint"])
 
-    def check(self, conn: Any, ctx: StepContext) -> bool:
-        result = conn.run(f"cat {q(ctx.venv + '/' + SOURCE_STAMP)}", hide=True, warn=True)
+    def probe(self, ctx: StepContext) -> str:
+        return f"cat {q(ctx.venv + '/' + SOURCE_STAMP)}"
+
+    def judge(self, ctx: StepContext, result: Any) -> bool:
         return result.ok and result.stdout.strip() == ctx.options["source_fingerprint"]
 
     def apply(self, conn: Any, ctx: StepContext) -> None:

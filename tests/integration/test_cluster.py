@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from infra.local import create_local_cluster, destroy_local_cluster, our_processes, restart_node, stop_node
-from provision.setup import setup_cluster
+from provision.setup import log_dir, setup_cluster
 from provision.steps.base import Cmd, Step
 from tests.support import ROOT, TINY_CONVNET
 from workloads.launch import RunSpec, cancel_run, fetch_run, follow_run, run_status, start_run
@@ -79,6 +79,27 @@ def test_setup_configures_every_node_and_a_rerun_changes_nothing(cluster, home):
     again = setup_cluster(c, home)
     assert all(r.ok and r.changed == [] for r in again)
     assert {s.status for r in again for s in r.steps} == {"unchanged", "skipped"}
+
+
+def commands_of_last_setup(home, cluster, node) -> list[str]:
+    text = (log_dir(cluster, home) / f"setup-{node}.log").read_text()
+    last = text.rsplit("=== setup", 1)[1]
+    return [line.split(" $ ", 1)[1] for line in last.splitlines() if " $ " in line]
+
+
+def test_a_rerun_that_finds_everything_in_place_is_one_command_per_node(cluster, home):
+    c, _ = cluster
+    assert all(r.ok and r.changed == [] for r in setup_cluster(c, home))
+    assert [len(commands_of_last_setup(home, c, n.name)) for n in c.nodes] == [1, 1]
+
+
+def test_work_gone_from_a_node_is_redone_although_its_marker_says_done(cluster, home):
+    c, _ = cluster
+    stamp = Path(c.node(1).workdir, "venv", "gpuforge-source.txt")
+    stamp.unlink()
+    reports = {r.node: r for r in setup_cluster(c, home)}
+    assert reports[c.node(0).name].changed == [] and reports[c.node(1).name].changed == ["workload"]
+    assert stamp.exists()
 
 
 def test_a_changed_source_tree_is_reshipped(cluster, home, monkeypatch):
@@ -152,6 +173,31 @@ def test_a_users_script_runs_unchanged_with_the_environment(cluster, home, tmp_p
         assert env["SKYPILOT_NODE_RANK"] == str(rank) and env["SKYPILOT_NODE_IPS"] == "127.0.0.2\n127.0.0.3"
         assert env["DSTACK_MASTER_NODE_IP"] == env["MASTER_ADDR"] == "127.0.0.2" and env["DSTACK_NODES_NUM"] == "2"
         assert env["GPUFORGE_STORAGE"] == f"{c.storage_url}/runs/script" and env["argv"] == ["--batch_size", "8"]
+
+
+def test_follow_streams_rank_0s_lines_as_they_come_each_once(cluster, home):
+    """Rank 0 prints a line, then waits (30 s at most) until the follower has shown it: the run can only end
+    early if the log streams. Every line comes once, the last one without its newline too."""
+    c, _ = cluster
+    seen_file = Path(c.node(0).workdir) / "runs" / "stream" / "seen"
+    command = ('echo "line 1 of rank $NODE_RANK"; i=0; while [ "$NODE_RANK" = 0 ] && [ ! -f seen ] && [ $i -lt 600 ]; '
+               'do i=$((i + 1)); sleep 0.05; done; for i in 2 3 4; do echo "line $i of rank $NODE_RANK"; done; '
+               'printf "last, no newline"')
+    start_run(c, RunSpec(command=command, nodes=2, run_id="stream", storage_url=c.storage_url), home)
+    seen: list[str] = []
+
+    def show(text: str) -> None:
+        seen.extend(text.splitlines())
+        if not seen_file.exists():
+            seen_file.touch()  # once: its time is when the first line was shown
+
+    status = follow_run(c, home, "stream", out=show, timeout=60)
+    expected = [f"line {i} of rank 0" for i in range(1, 5)] + ["last, no newline"]
+    assert status.state == "succeeded" and seen == expected
+    assert seen_file.stat().st_mtime < status.nodes[0].ended  # shown while the run ran, not read once it had ended
+    again: list[str] = []
+    follow_run(c, home, "stream", out=again.append)  # an ended run: its whole log, once
+    assert "\n".join(again).splitlines() == expected
 
 
 def worker_pid(cluster, rank, run_id):

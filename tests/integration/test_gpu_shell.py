@@ -166,3 +166,61 @@ def test_probe_sections_survive_output_without_a_final_newline():
 
     out = sh(probe_command({"keyring": "printf 'install ok installed'", "sources": "echo deb https://x /"})).stdout
     assert split_sections(out) == {"keyring": "install ok installed", "sources": "deb https://x /"}
+
+
+A100_LSPCI = "10:1c.0 3D controller [0302]: NVIDIA Corporation GA100 [A100 SXM4 40GB] [10de:20b0] (rev a1)"
+
+
+def fake_tool(tmp_path: Path, name: str, script: str) -> dict:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / name).write_text("#!/bin/sh\n" + script)
+    (bindir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_one_package_query_feeds_both_package_sections(tmp_path):
+    """The facts ask dpkg once; each section keeps only its own packages (what dpkg printed for the other's
+    patterns, or anything else, stays out)."""
+    lines = ["ii cuda-toolkit-12-8=12.8.1-1", "ii libnccl2=2.27.7-1+cuda12.8", "ii libnccl-dev=2.27.7-1+cuda12.8",
+             "ii nvidia-driver-580-open=580.95.05-0ubuntu1", "ii libnvidia-compute-580=580.95.05-0ubuntu1",
+             "ii cuda-drivers-580=580.95.05-1", "rc nvidia-driver-535=535.1-1", "ii libc6=2.36-9"]
+    fake_tool(tmp_path, "dpkg-query", "".join(f"echo {shlex.quote(line)}\n" for line in lines))
+    env = fake_tool(tmp_path, "lspci", f"echo {shlex.quote(A100_LSPCI)}\n")  # an A100 on the bus, no driver yet
+    facts = parse_facts(sh(GATHER_COMMAND, env).stdout)
+    assert facts.gpu_pci_count == 1 and not facts.gpus
+    assert facts.cuda_packages == ("cuda-toolkit-12-8=12.8.1-1", "libnccl2=2.27.7-1+cuda12.8", "libnccl-dev=2.27.7-1+cuda12.8")
+    assert facts.nvidia_packages == ("nvidia-driver-580-open=580.95.05-0ubuntu1", "libnvidia-compute-580=580.95.05-0ubuntu1",
+                                     "cuda-drivers-580=580.95.05-1")
+    assert facts.driver_packaging == "apt"
+
+
+def test_a_node_without_anything_nvidia_skips_the_package_and_cuda_probes(tmp_path):
+    """No NVIDIA device on the bus (lspci, sysfs), no nvidia-smi, no loaded driver: dpkg is never asked (it reads
+    the whole package database, the costliest probe of all)."""
+    calls = tmp_path / "calls"
+    fake_tool(tmp_path, "dpkg-query", f"echo dpkg-query >> {calls}\n")
+    env = fake_tool(tmp_path, "lspci", "echo '00:03.0 Ethernet controller [0200]: Red Hat, Inc. Virtio [1af4:1000]'\n")
+    proc = sh(GATHER_COMMAND, env)
+    facts = parse_facts(proc.stdout)
+    assert proc.returncode == 0 and facts.os_id and not facts.has_gpu
+    assert not calls.exists()
+    assert "##gpuforge:efa-installer" in proc.stdout and proc.stdout.rstrip().endswith("##gpuforge:end")
+
+
+def test_first_look_runs_in_sh_and_gives_each_probe_its_own_output_and_status(tmp_path):
+    from provision.first_look import ProbeResult, first_look_command, parse_first_look
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (markers / "base.json").write_text('{"step": "base", "fingerprint": "f00", "time": 1}\n')
+    probes = {"plain": "printf 'abc'", "lines": "echo one; echo two", "fails": "echo gone >&2; false",
+              "leaves": "cd / && exit 3", "after": "pwd"}
+    proc = sh(f"cd {shlex.quote(str(tmp_path))} && " + first_look_command(str(markers), probes))
+    assert proc.returncode == 0, proc.stderr
+    first = parse_first_look(proc.stdout)
+    assert parse_facts(first.facts_output).cpus > 0
+    assert first.markers == {"base": "f00"}
+    assert first.probes == {"plain": ProbeResult("abc", 0), "lines": ProbeResult("one\ntwo\n", 0),
+                            "fails": ProbeResult("", 1), "leaves": ProbeResult("", 3),
+                            "after": ProbeResult(f"{tmp_path}\n", 0)}  # a probe's cd and exit stay in its subshell

@@ -9,7 +9,8 @@ import pytest
 from workloads.errors import ConfigError
 from workloads.secretfile import MASK, Redactor, resolve_secrets, take_secrets
 from workloads.ship import collect_workdir
-from workloads.task import load_task, parse_env_overrides, script_task
+from workloads.env_overrides import parse_env_overrides
+from workloads.task import load_task, script_task
 
 
 def task_file(tmp_path, text, name="task.yaml"):
