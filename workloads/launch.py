@@ -31,6 +31,7 @@ from typing import Any
 from infra.cluster import ClusterInfo, NodeInfo
 from workloads.control import (busy_runs, cancel_run, exec_on_nodes, fetch_run, follow_run, logs, node_status,
                                read_log, run_dir, run_status, stop_run)
+from workloads.cluster_marks import pick_alive_port, write_marks
 from workloads.errors import ConfigError
 from workloads.remote import on_nodes, raise_first
 from workloads.runs import LaunchError, find_record, load_record, save_record
@@ -299,6 +300,8 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
     port = on_nodes(cluster, nodes[:1], pick_port)[0]
     raise_first([port], nodes[:1], "choosing the master port")
     worker_ports = pick_worker_ports(cluster, nodes, {port}) if is_tensorflow_job(spec) else None
+    alive_port = pick_alive_port(cluster, nodes[0], {port, *(worker_ports or [])}) \
+        if len(nodes) < len(cluster.nodes) else 0
     if bundle is not None:
         ship_bundle(cluster, nodes, bundle)
     save_record(home, cluster, spec, nodes, port, attempt)
@@ -319,7 +322,7 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
                     "venv": venv_of(node), "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
                     "start_timeout": spec.start_timeout if spec.job else 0, "attempt": attempt,
                     "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else "",
-                    "preemption": preemption_watch(cluster)}
+                    "preemption": preemption_watch(cluster), "alive_port": alive_port}
         conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
         if secrets:
             put_secret_file(conn, f"{directory}/secrets.json", secrets)
@@ -332,6 +335,8 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
     if any(isinstance(r, Exception) for r in results):
         stop_run(cluster, nodes, spec.run_id)  # never leave half a run behind
         raise_first(results, nodes, "starting the run")
+    if alive_port:  # the nodes outside the run stay up while it is active (workloads/cluster_marks.py)
+        write_marks(cluster, nodes, spec.run_id, nodes[0].private_address, alive_port)
     return nodes
 
 
