@@ -42,6 +42,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DEFAULT_START_TIMEOUT_S = 900.0  # torch import + rendezvous + first step; a big model's first step can take minutes
 DIST_TIMEOUT_S = 300  # GPUFORGE_DIST_TIMEOUT for the ranks: bounds a collective waiting on a dead peer
 NCCL_ENV_FILE = "/etc/gpuforge/nccl.env"  # written by the efa step (provision/versions.py)
+PREEMPTIBLE_ENV = "GPUFORGE_PREEMPTIBLE"  # workloads/notice.py: "1" when the nodes' supervisors watch for a notice
 METADATA_URL_ENV = "GPUFORGE_METADATA_URL"  # tests and emulators: the preemption watcher's metadata service
 
 
@@ -176,6 +177,8 @@ def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: No
         "DSTACK_NODE_RANK": str(node.rank), "DSTACK_MASTER_NODE_IP": nodes[0].private_address,
         "DSTACK_NODES_IPS": ips, "DSTACK_NODES_NUM": str(len(nodes)), "DSTACK_GPUS_PER_NODE": gpus,
     }
+    if preemption_watch(cluster):  # the trainer's ranks check for a notice only where one can come
+        env[PREEMPTIBLE_ENV] = "1"
     if spec.outputs:
         env["GPUFORGE_OUTPUTS"] = f"{working_dir(spec, node)}/{spec.outputs['path']}"
     if cluster.cloud == "local":  # all nodes share this machine's cores: don't oversubscribe them

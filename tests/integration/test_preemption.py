@@ -62,7 +62,7 @@ def test_a_notice_to_one_rank_saves_one_checkpoint_on_all_ranks_and_stops_them(t
     run_dir.mkdir()
     args = ["--job", "convnet-digits", "--storage", str(storage), *ARGS, "max_steps=30"]
     proc = subprocess.Popen(torchrun_cmd(2, *args, "--run-id", "pre"), cwd=ROOT,
-                            env=child_env(GPUFORGE_RUN_DIR=str(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env(GPUFORGE_RUN_DIR=str(run_dir), GPUFORGE_PREEMPTIBLE="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
     try:
         wait_for(lambda: progress(run_dir) >= 10, proc, what="training")
