@@ -353,6 +353,15 @@ def test_down_with_checkpoints_in_the_bucket_succeeds_and_keeps_them(aws, capsys
     assert running_nodes(session) == {}
 
 
+def up_for_recovery(session, capsys, tmp_path):
+    """The 2-node cluster up: our home, its cluster id and its live instances by name."""
+    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
+    assert gpuforge(capsys, *UP).code == 0
+    home = tmp_path / "home"
+    cluster_id = registration(home)["cluster_id"]
+    return home, cluster_id, live_instances(session, cluster_id)
+
+
 def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, tmp_path):
     """A spot node reclaimed (terminated in moto): recovery's bring_back refreshes the stack and brings it up again,
     which creates that node's instance anew, in the zone it was in; the other node is untouched."""
@@ -360,11 +369,7 @@ def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, t
     from provision.recovery import bring_back
 
     session, _ = aws
-    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
-    assert gpuforge(capsys, *UP).code == 0
-    home = tmp_path / "home"
-    cluster_id = registration(home)["cluster_id"]
-    before = live_instances(session, cluster_id)
+    home, cluster_id, before = up_for_recovery(session, capsys, tmp_path)
     ec2 = session.client("ec2")
     zone_of = {i["InstanceId"]: i["Placement"]["AvailabilityZone"]
                for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]}
@@ -393,11 +398,7 @@ def test_recovery_moves_the_cluster_to_the_next_zone_when_its_zone_has_no_capaci
     from provision.recovery import bring_back
 
     session, engines = aws
-    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
-    assert gpuforge(capsys, *UP).code == 0
-    home = tmp_path / "home"
-    cluster_id = registration(home)["cluster_id"]
-    before = live_instances(session, cluster_id)
+    home, cluster_id, before = up_for_recovery(session, capsys, tmp_path)
     ec2 = session.client("ec2")
     ec2.terminate_instances(InstanceIds=[before["demo-1"]])
     moto_ext.exhaust(f"{REGION}a", "p4d.24xlarge")
