@@ -301,9 +301,12 @@ def test_recovery_moves_the_cluster_to_the_next_zone_when_its_zone_has_no_capaci
     assert gpuforge(capsys, *UP).code == 0
     home = tmp_path / "home"
     before = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
-    zone = before["demo-node-1"][0]
-    with gce.lock:
-        del gce.store["instances"][(PROJECT, zone)]["demo-node-1"]
+    lost = sorted(before)[1]
+    scope = before[lost][0]
+    zone = scope.removeprefix("zones/")
+    with gce.lock:  # deleted by Google, with its boot disk (auto-delete)
+        del gce.store["instances"][(PROJECT, scope)][lost]
+        del gce.store["disks"][(PROJECT, scope)][lost]
     gce.exhaust(zone, "a2-highgpu-8g")
     capsys.readouterr()
 
@@ -313,9 +316,10 @@ def test_recovery_moves_the_cluster_to_the_next_zone_when_its_zone_has_no_capaci
     assert f"{zone} has no a2-highgpu-8g capacity now; trying {REGION}-b" in said, said
     assert f"moving cluster demo to {REGION}-b: all 2 node(s) are replaced there" in said
     after = {r["name"]: (scope, r) for scope, r in gce.items("instances")}
-    assert set(after) == {"demo-node-0", "demo-node-1"} and {s for s, _ in after.values()} == {f"{REGION}-b"}
+    assert set(after) == set(before) and {s for s, _ in after.values()} == {f"zones/{REGION}-b"}
     used = {p.rsplit("/", 1)[-1] for _, r in after.values() for p in r.get("resourcePolicies", [])}
     stored = [r["name"] for _, r in gce.items("resourcePolicies")]
     assert len(used) == 1 and used == set(stored) and f"placement-{REGION}-b" in stored[0], (used, stored)
     assert registration(home)["zone"] == f"{REGION}-b" and len(cluster.nodes) == 2
-    assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0
+    down = gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes")
+    assert down.code == 0, down.out + down.err
