@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # OpenSSH server for the embedded local cluster (each node is a real sshd); sudo, python3-venv and unshare for
 # its VM-like nodes (a sudo login user, a fresh venv from the system python3, namespaces per node); the OpenSSH
 # client for `gpuforge ssh` and its tunnels; Debian's Chromium for the test that loads JupyterLab in a browser.
-SYSPKGS := openssh-server openssh-client sudo python3-venv util-linux chromium
+SYSPKGS := openssh-server openssh-client sudo python3-venv util-linux chromium rsync
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then echo "installing $$missing (the local cluster's nodes and their clients)"; \

@@ -229,8 +229,10 @@ def install_node_venv(nodes, keys: Path) -> None:
     """~/venv on every node, made once inside node 0 as the login user and copied (same path on every node)."""
     cached = IMAGE / "venv"
     if not (cached / "bin" / "python").exists():
-        ssh = ["ssh", "-i", str(keys / "id_ed25519"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-               "-o", "LogLevel=ERROR", f"{USER}@{nodes[0].address}"]
+        known = keys / "known_hosts"  # the nodes' host key, which this bench made: pinned, never unchecked
+        known.write_text(f"{nodes[0].address} {' '.join((keys / 'host_ed25519.pub').read_text().split()[:2])}\n")
+        ssh = ["ssh", "-i", str(keys / "id_ed25519"), "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
+               "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"{USER}@{nodes[0].address}"]
         subprocess.run([*ssh, f"python3 -m venv ~/venv && ~/venv/bin/pip install --quiet {NODE_VENV_PACKAGES}"],
                        check=True, timeout=1800)
         IMAGE.mkdir(parents=True, exist_ok=True)

@@ -271,9 +271,22 @@ def parent_pid(pid: int) -> int:
         return 0
 
 
+def names_state(text: str, marker: str) -> bool:
+    """`text` names a path inside the state dir other than its storage folder, which is the user's data
+    and outlives the cluster: a user's `tail -f` of a run's log there, a shell in it, or `gpuforge serve`
+    of a run there is not a process of the cluster."""
+    at = text.find(marker)
+    while at >= 0:
+        rest = text[at + len(marker):]
+        if (rest == "" and at == 0) or (rest.startswith("/") and rest != "/storage" and not rest.startswith("/storage/")):
+            return True
+        at = text.find(marker, at + 1)
+    return False
+
+
 def our_processes(state: Path) -> list[tuple[int, list[str]]]:
-    """Processes whose command line or working directory is inside this cluster's state dir:
-    its sshd daemons, and the jobs and shells running in its node directories. Nothing else."""
+    """Processes whose command line or working directory is inside this cluster's state dir (its storage
+    folder aside): its sshd daemons, and the jobs and shells running in its node directories. Nothing else."""
     marker = str(state.resolve())
     table: dict[int, tuple[int, list[str], bool]] = {}
     for entry in Path("/proc").iterdir():
@@ -285,7 +298,7 @@ def our_processes(state: Path) -> list[tuple[int, list[str]]]:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        mine = any(marker + "/" in part or part == marker for part in cmd) or cwd == marker or cwd.startswith(marker + "/")
+        mine = any(names_state(part, marker) for part in cmd) or (cwd.startswith(marker) and names_state(cwd, marker))
         table[int(entry.name)] = (ppid, cmd, mine)
     owned = {pid for pid, (_, _, mine) in table.items() if mine}
     grew = True
@@ -373,5 +386,4 @@ def destroy_local_cluster(state: Path, keep_storage: bool = False) -> str:
         return f"nothing to remove at {state}"
     count = stop_processes(state)
     remove_state(state, keep_storage)
-    kept = " (its storage folder is kept)" if keep_storage and (state / "storage").exists() else ""
-    return f"stopped {count} process(es) and removed {state}{kept}"
+    return f"stopped {count} process(es) and removed {state}"  # what becomes of the storage, its caller says

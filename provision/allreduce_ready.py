@@ -22,6 +22,9 @@ READY_FRACTION = 0.5  # nccl-tests reach ~0.8 of the link on healthy p4d/p5 at l
 # plugins: "Selected Provider is efa"); NCCL's own socket transport: "NET/Socket : Using [0]ens5:...".
 EFA_SELECTED = re.compile(r"NET/OFI Selected [Pp]rovider is efa\b")
 SOCKET_USED = re.compile(r"NET/Socket : Using")
+# What NCCL then runs on: "Using network Libfabric" (older: "AWS Libfabric"), or "Using network Socket" when the
+# plugin failed after naming the provider ("aws-ofi-nccl initialization failed", aws/aws-ofi-nccl#889).
+NETWORK_USED = re.compile(r"NCCL INFO Using network (.+?)\s*$", re.M)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,15 @@ def reference(cloud: str, instance_type: str, scope: str) -> Reference | None:
     return None
 
 
+def efa_used(log: str) -> bool:
+    """NCCL ran over EFA: the plugin selected the efa provider, and NCCL's network is the plugin's (older NCCL
+    names no network: then no fallback to its sockets)."""
+    if not EFA_SELECTED.search(log):
+        return False
+    networks = NETWORK_USED.findall(log)
+    return "Libfabric" in networks[-1] if networks else not SOCKET_USED.search(log)
+
+
 def judge(record: dict, log: str, cloud: str, instance_type: str, nodes: int, gpus: bool, efa: bool = False) -> str:
     """The verdict line, or ProvisionError naming what is not ready."""
     backend, ranks = record.get("backend", ""), record.get("world_size", 0)
@@ -50,7 +62,7 @@ def judge(record: dict, log: str, cloud: str, instance_type: str, nodes: int, gp
                              "torch cannot use NCCL there (see the log above)")
     transport = "NVLink/PCIe" if nodes == 1 else "the network"
     if nodes > 1 and efa:
-        if not EFA_SELECTED.search(log):
+        if not efa_used(log):
             used = "NCCL's TCP sockets" if SOCKET_USED.search(log) else "no EFA"
             raise ProvisionError(f"{instance_type} has EFA, but NCCL used {used} across nodes (no "
                                  "'NET/OFI Selected provider is efa' in its NCCL_DEBUG=INFO log): check the efa step, "

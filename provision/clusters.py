@@ -81,6 +81,7 @@ def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = 
     if cluster is not None and cluster.cloud == "local":
         destroy_local(home, cluster, delete_data, yes)
     elif cluster is not None and cluster.cloud == "hosts":
+        end_dev_sessions(home, cluster, out, servers=True)  # the machines are the user's: nothing of ours keeps running
         stop_host_runs(home, cluster, out)
         shutil.rmtree(inventory.cluster_dir(home, cluster.name), ignore_errors=True)
         out.print(f"forgot hosts cluster {cluster.name} (its machines are yours and keep running)")
@@ -91,6 +92,8 @@ def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = 
         project = (registration.project if registration else "") or (cluster.extra.get("project", "") if cluster else "")
         cluster_id = (registration.cluster_id if registration else "") or (
             cluster.extra.get("cluster_id", "") if cluster else "")
+        if cluster is not None:
+            end_dev_sessions(home, cluster, out, servers=False)  # the servers go with the machines
         down_cloud(home, name, cloud, region, project, cluster_id, delete_data=delete_data, yes=yes)
     else:  # only its kept data is left
         kept = registry.kept_data(home, name)
@@ -124,6 +127,14 @@ def destroy_local(home: Path, cluster: ClusterInfo, delete_data: bool, yes: bool
         shutil.rmtree(storage, ignore_errors=True)
     finish_data(home, cluster.name, kept, delete_data, True, out)
     tidy(home, cluster.name)
+
+
+def end_dev_sessions(home: Path, cluster: ClusterInfo, out, servers: bool) -> None:
+    from provision.services import end_sessions
+
+    ended = end_sessions(home, cluster, servers)
+    if ended:
+        out.print(f"ended {', '.join(ended)}")
 
 
 def stop_host_runs(home: Path, cluster: ClusterInfo, console) -> None:

@@ -52,6 +52,12 @@ def pip_index_args(setting: str, torch_index: str) -> tuple[str, str]:
     return f"--extra-index-url {shlex.quote(torch_index)}", torch_index
 
 
+def tool_index_args(setting: str) -> str:
+    """The index argument (with its leading space, or "") for what a node installs beside the lock: TensorFlow,
+    JupyterLab, LitServe. A mirror we were given is used for them too; else the node's default index."""
+    return f" --index-url {shlex.quote(setting)}" if setting and setting != NODE else ""
+
+
 def probe_script(url: str) -> str:
     """A node-side check that `url` answers (any HTTP status counts: the server is there)."""
     code = ("import sys, urllib.error, urllib.request\n"

@@ -10,7 +10,9 @@ loopback (127.0.0.1) on a free port, with its PID, port and log in `<workdir>/.g
 client with the cluster's ssh_config (`ssh -N -L 127.0.0.1:LOCAL:127.0.0.1:REMOTE <cluster>-<node>`).
 The foreground command prints the local URL and waits; Ctrl-C stops the server and the tunnel. `down`
 ends both too (a local cluster's teardown kills every process of its nodes and every ssh using its
-config; a cloud node goes away with its tunnel), and `<task> --stop` stops a server from another terminal.
+config; for a hosts cluster `end_sessions` stops the servers on its machines, which keep running, and for
+hosts and cloud clusters ends the ssh processes here that use its config), and `<task> --stop` stops a
+server from another terminal.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Callable
 
 from infra.cluster import ClusterInfo, NodeInfo
 from provision.errors import ProvisionError
+from provision.node_lock import LOCK_NAME
 
 SERVICES_DIR = ".gpuforge/services"
 READY_TIMEOUT_S = 180.0  # JupyterLab's first start on a cold node (imports, building its settings) takes a while
@@ -77,15 +80,23 @@ def require_setup(conn: Any, node: NodeInfo) -> None:
         raise ServiceError(f"{node.name} is not set up ({node_python(node)} is missing); run `gpuforge setup` first")
 
 
-def ensure_tool(conn: Any, node: NodeInfo, module: str, say: Callable[[str], None]) -> None:
-    """Install a tool into the node's venv on first use (pip, the pin of NODE_TOOLS)."""
+def tool_install_command(node: NodeInfo, requirement: str, index_args: str = "") -> str:
+    """pip install into the node's venv, constrained by the node lock where setup wrote one (a cloud VM, a
+    hosts machine, a VM-like node): a tool never moves a locked package (torch's and the workload's)."""
+    lock = q(f"{node.workdir}/{LOCK_NAME}")
+    return (f"{q(node_python(node))} -m pip install --quiet --disable-pip-version-check --no-warn-script-location"
+            f"{index_args} $([ -f {lock} ] && echo -c {lock}) {q(requirement)}")
+
+
+def ensure_tool(conn: Any, node: NodeInfo, module: str, say: Callable[[str], None], index_args: str = "") -> None:
+    """Install a tool into the node's venv on first use (pip, the pin of NODE_TOOLS; `index_args` from
+    provision.pip_index.tool_index_args)."""
     python = q(node_python(node))
     if conn.run(f"{python} -c {q(f'import {module}')}", hide=True, warn=True).ok:
         return
     requirement = NODE_TOOLS[module]
     say(f"installing {requirement} into {node.name}'s environment (first use)")
-    result = conn.run(f"{python} -m pip install --quiet --disable-pip-version-check --no-warn-script-location "
-                      f"{q(requirement)}", hide=True, warn=True, timeout=900)
+    result = conn.run(tool_install_command(node, requirement, index_args), hide=True, warn=True, timeout=900)
     if not result.ok:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
         raise ServiceError(f"installing {requirement} on {node.name} failed:\n{tail}")
@@ -303,3 +314,64 @@ def wait_until_stopped(conn: Any, node: NodeInfo, svc: Service, tunnel: Tunnel, 
     except KeyboardInterrupt:
         say(f"stopping {svc.name} on {node.name}")
         return 0
+
+
+# -- at `down` --------------------------------------------------------------------------------
+
+SERVER_NAMES = ("jupyter", "tensorboard", "serve")
+
+
+def stop_servers(cluster: ClusterInfo) -> list[str]:
+    """Every notebook, TensorBoard and model server on the cluster's nodes ("jupyter on node-0", ...); a node
+    that cannot be reached is passed over (it is gone, or down will say so itself)."""
+    from infra.ssh import connect
+
+    stopped = []
+    for node in cluster.nodes:
+        try:
+            conn = connect(cluster, node)
+        except Exception:  # noqa: BLE001 - unreachable: nothing of ours can be stopped there
+            continue
+        try:
+            stopped += [f"{name} on {node.name}" for prefix in SERVER_NAMES for name in services_on(conn, node, prefix)
+                        if stop_service(conn, node, name)]
+        finally:
+            conn.close()
+    return stopped
+
+
+def tunnel_pids(home: Path, cluster: ClusterInfo) -> list[int]:
+    """This machine's ssh processes that use the cluster's config: tunnels, `gpuforge ssh` shells."""
+    import os
+
+    from infra.ssh_config import cluster_config_path
+
+    config = str(cluster_config_path(home, cluster))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name == "ssh" and any(a == "-F" and b == config for a, b in zip(argv, argv[1:])):
+            pids.append(int(entry.name))
+    return pids
+
+
+def end_sessions(home: Path, cluster: ClusterInfo, servers: bool) -> list[str]:
+    """What `down` ends of a cloud or hosts cluster besides its machines (a local cluster's teardown ends every
+    process of its nodes and every ssh using its config already): with `servers`, the servers on the nodes (a
+    hosts cluster's machines keep running), then the tunnels here. Returns what it ended, for the message."""
+    import os
+    import signal
+
+    ended = stop_servers(cluster) if servers else []
+    pids = tunnel_pids(home, cluster)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return ended + ([f"{len(pids)} SSH session(s) here"] if pids else [])

@@ -14,6 +14,9 @@ from workloads.remote import on_nodes
 from workloads.runs import TERMINAL, LaunchError, NodeStatus, RunStatus, find_record, load_record, record_nodes, runs_dir
 
 FETCH_SKIP = re.compile(r"^(step-\d+|nodes)/")  # checkpoints stay in storage unless asked for
+# Written into each fetched run's folder: results, not code, so git and the next launch's shipping (which honours
+# .gitignore files) leave them out; `launch --down` fetches into ./runs/ of the very folder it ships.
+FETCHED_IGNORE = "# fetched by gpuforge: a run's results, not code (git and `gpuforge launch` leave them out)\n*\n"
 STATUS_PROBE = ('cat {d}/status.json 2>/dev/null || echo "{{}}"; echo; echo "#progress"; cat {d}/progress.json 2>/dev/null; '
                 'echo; echo "#alive"; p=$(sed -n \'s/.*"supervisor_pid": *\\([0-9]*\\).*/\\1/p\' {d}/status.json 2>/dev/null); '
                 '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo yes; true')
@@ -183,6 +186,9 @@ def fetch_run(cluster: ClusterInfo, home: Path, run_id: str | None, dest: Path, 
         path.parent.mkdir(parents=True, exist_ok=True)
         store.download_file(key, path)
         copied.append(path)
+    ignore = target / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text(FETCHED_IGNORE)
     return copied
 
 

@@ -25,6 +25,10 @@ RANK = re.compile(r"(-?\d+)(?:\s*\(local_rank:\s*(\d+)\))?")
 # Tracebacks printed by the launchers around the user's code, not the user's own error.
 LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError", "torch.distributed.elastic", "SignalException")
 MAX_ERROR_CHARS = 300
+# A node that failed only because a peer went away gives the other nodes this long to fail on their own, so the
+# rank that broke is named with its own exit code and error (a rank whose exception takes seconds to end its
+# process would otherwise be stopped first, and its victim reported). After it, the others are stopped.
+PEER_GRACE_S = 30.0
 
 
 @dataclass
@@ -127,6 +131,17 @@ def explain_failure(exit_code: int, log: str) -> Failure:
         failure.error = one_line(ours[-1].removeprefix("error: ")) if ours else last_traceback_error(log)
     if failure.exit_code is not None and failure.exit_code < 0:
         failure.error = ""  # a signal says it all; the log's last traceback is a peer's complaint
-    failure.secondary = any(marker in log for marker in PEER_LOSS) or (
+    # The error says whether a peer's loss is the cause; a log may name one in passing (an agent's store
+    # connection closing after this rank failed on its own).
+    failure.secondary = any(marker in (failure.error or log) for marker in PEER_LOSS) or (
         not cause and any(marker in log for marker in AGENT_ERRORS))
     return failure
+
+
+def awaits_culprit(peers: list[tuple[str, bool, float | None]], now: float) -> bool:
+    """(state, secondary, ended) of every node: only victims of a lost peer have failed yet, recently, and others
+    still run; wait for them to end on their own before stopping them (PEER_GRACE_S)."""
+    failed = [(secondary, ended) for state, secondary, ended in peers if state in ("failed", "stopped")]
+    running = any(state in ("running", "starting") for state, _, _ in peers)
+    return (running and bool(failed) and all(secondary for secondary, _ in failed)
+            and now - min(ended or now for _, ended in failed) < PEER_GRACE_S)

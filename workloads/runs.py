@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.cluster import ClusterInfo, NodeInfo
 from workloads.errors import WorkloadError
+from workloads.failures import awaits_culprit
 
 if TYPE_CHECKING:
     from workloads.launch import RunSpec
@@ -56,6 +57,8 @@ class RunStatus:
         if "preempted" in states and ended:
             return "preempted"
         if any(s in ("failed", "stopped", "dead") for s in states) or (ended and "unreachable" in states):
+            if awaits_culprit([(n.state, n.secondary, n.ended) for n in self.nodes], time.time()):
+                return "running"  # a victim failed first; the rank that broke is still ending
             return "failed"
         if any(s == "cancelled" for s in states) and all(s in TERMINAL for s in states):
             return "cancelled"

@@ -143,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="requests merged into one batch")
     p.add_argument("--batch-timeout-ms", type=float, default=BATCH_TIMEOUT_MS, help="wait for a batch to fill")
     p.add_argument("--stats-file", default="", help="keep request/batch counts in this JSON file")
-    p.add_argument("--check", action="store_true", help="only say which model file would serve (JSON), or why none")
     return p
 
 
@@ -155,21 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from workloads.errors import WorkloadError
-    from workloads.serve_model import KINDS, inspect_run, load_run_model, accuracy_of
+    from workloads.serve_model import KINDS, load_run_model
 
     if args.kind not in KINDS or not 0 < args.port < 65536 or args.max_batch < 1 or args.batch_timeout_ms < 0:
         print(f"error: --kind must be one of {', '.join(KINDS)}, --port 1..65535, --max-batch >= 1, "
               "--batch-timeout-ms >= 0", file=sys.stderr)
         return 2
-    if args.check:
-        try:
-            _, cfg, summary, framework, kind, name = inspect_run(args.run_url, args.kind)
-        except WorkloadError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(json.dumps({"kind": kind, "file": name, "framework": framework, "job": cfg.get("job", ""),
-                          "test_accuracy": accuracy_of(summary, kind)}))
-        return 0
     try:  # load once here: a missing or broken model is one clear line before any port is opened
         probe = load_run_model(args.run_url, kind=args.kind, device=args.device)
     except WorkloadError as exc:

@@ -9,6 +9,11 @@ The kinds are the files a run leaves (workloads/export.py, workloads/trainer.py)
 TorchScript (`model_int8.ts`, CPU only), and a TensorFlow run's `model.keras`. A distilled student
 is its own run and serves with its own id. The server (workloads/serve.py) and the benchmark
 (bench/serve_latency.py) call the same object, so the benchmark's ratio is the server's cost alone.
+
+    python -m workloads.serve_model --run-url URL [--kind K]   # which file would serve (JSON), or why none
+
+That check needs neither the server library nor a framework: `fab serve` runs it on the node before it
+installs LitServe there, so a bad run is one line and nothing is installed or started.
 """
 
 from __future__ import annotations
@@ -119,6 +124,31 @@ def load_run_model(run_url: str, kind: str = "auto", device: str = "auto", cache
     return model
 
 
+def check_run(run_url: str, kind: str = "auto") -> dict[str, Any]:
+    """What would serve: kind, file, framework, job and the accuracy the run measured for it."""
+    _, cfg, summary, framework, kind, name = inspect_run(run_url, kind)
+    return {"kind": kind, "file": name, "framework": framework, "job": cfg.get("job", ""),
+            "test_accuracy": accuracy_of(summary, kind)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from workloads.errors import WorkloadError
+
+    p = argparse.ArgumentParser(prog="python -m workloads.serve_model", description="which file of a run would serve")
+    p.add_argument("--run-url", required=True)
+    p.add_argument("--kind", default="auto", choices=KINDS)
+    args = p.parse_args(argv)
+    try:
+        print(json.dumps(check_run(args.run_url, args.kind)))
+    except WorkloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def accuracy_of(summary: dict[str, Any], kind: str) -> float | None:
     """The accuracy the run measured for this kind (the int8 model's own, from the quantization report)."""
     if kind == "int8":
@@ -170,3 +200,7 @@ def load_keras(path: Path) -> tuple[Callable[[Any], Any], str]:
         return model(batch, training=False).numpy()
 
     return run, device
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from workloads.failures import explain_failure
+from workloads.failures import PEER_GRACE_S, explain_failure
 from workloads.outputs import OutputSync, outputs_key
 from workloads.secretfile import Redactor, take_secrets
 
@@ -250,6 +250,8 @@ class Supervisor:
                 continue
             if peer.get("attempt", 1) != self.status["attempt"]:
                 continue  # an earlier attempt of a resumed run
+            if peer.get("state") == "failed" and peer.get("secondary") and now - peer.get("ended", now) < PEER_GRACE_S:
+                continue  # it lost a peer (maybe this node's rank, still ending): let this node fail on its own
             if peer.get("state") in ("failed", "stopped", "cancelled", "preempted"):
                 return f"{peer.get('node')} {peer['state']}: {peer.get('reason', '')}"
             if peer.get("state") == "running" and now - peer.get("updated", now) > PEER_SILENCE_S:

@@ -267,7 +267,7 @@ def load_task(path: Path | str, env_overrides: dict[str, str] | None = None) -> 
         raise ConfigError(f"{path}: {exc}") from None
     if env_overrides:
         task = task.model_copy(update={"envs": {**task.envs, **env_overrides}})
-    workdir = (path.parent / (task.workdir or ".")).resolve()
+    workdir = (path.parent / Path(task.workdir or ".").expanduser()).resolve()
     if not workdir.is_dir():
         raise ConfigError(f"{path}: workdir {task.workdir or '.'} ({workdir}) is not a folder")
     if task.script and not (workdir / task.script).is_file():

@@ -92,8 +92,8 @@ def finish_autodown_of(home: Path, name: str) -> None:
                            "folder), after a confirmation naming it and its size",
             "yes": "skip the confirmation"})
 def down(c, cluster=None, delete_data=False, yes=False):
-    """Tear the cluster down from any state; its data (bucket / storage folder) is kept and reported unless
-    --delete-data."""
+    """Tear the cluster down from any state, ending its notebooks, servers and tunnels; its data (bucket /
+    storage folder) is kept and reported unless --delete-data."""
     from provision.clusters import destroy
 
     home = inventory.home_dir()

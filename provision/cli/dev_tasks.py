@@ -38,6 +38,14 @@ def resolve_node(cluster: Any, node: str) -> Any:
     return cluster.node(node or "0")  # ClusterError lists the nodes there are
 
 
+def tool_index(cluster: Any) -> str:
+    """The package index setup would use (GPUFORGE_PIP_INDEX, then the hosts file's pip_index) for the tools
+    installed on first use; a bad setting is one clear line before anything starts."""
+    from provision.pip_index import resolve_pip_index, tool_index_args
+
+    return tool_index_args(resolve_pip_index("", str(cluster.extra.get("pip_index") or "")))
+
+
 def shell_command(node: Any, command: str) -> str:
     """What the node's shell runs: cd to the work dir, activate the venv, then the command or a shell."""
     w = shlex.quote(node.workdir)
@@ -126,7 +134,8 @@ def parse_port(raw: Any, what: str, allow_zero: bool = False) -> int:
     except (TypeError, ValueError):
         value = -1
     if not (0 if allow_zero else 1) <= value <= 65535:
-        raise ValueError(f"{what} must be a port number 1..65535; got {raw!r}")
+        valid = "0..65535 (0: a free one)" if allow_zero else "1..65535"
+        raise ValueError(f"{what} must be a port number {valid}; got {raw!r}")
     return value
 
 
@@ -149,8 +158,7 @@ def stop_everywhere(cluster: Any, node: str, prefix: str) -> None:
 def foreground(home: Path, cluster: Any, node: Any, svc: Any, port: int, url, prepare=None) -> None:
     from provision.services import run_in_foreground
 
-    code = run_in_foreground(home, cluster, node, svc, parse_port(port, "--port", allow_zero=True), url, say,
-                             prepare=prepare)
+    code = run_in_foreground(home, cluster, node, svc, port, url, say, prepare=prepare)
     if code:
         raise Exit(code=code)
 
@@ -165,10 +173,12 @@ def jupyter(c, node="", port=0, stop=False, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
+        port = parse_port(port, "--port", allow_zero=True)  # before anything is looked up or started
         chosen = inventory.resolve(home, cluster)
         if stop:
             return stop_everywhere(chosen, node, "jupyter")
         target = resolve_node(chosen, node)
+        index = tool_index(chosen)
         token = secrets.token_hex(24)
         config = {"ServerApp": {"ip": "127.0.0.1", "port_retries": 0, "open_browser": False, "allow_root": True,
                                 "root_dir": target.workdir, "allow_remote_access": False},
@@ -178,9 +188,13 @@ def jupyter(c, node="", port=0, stop=False, cluster=None):
                                "--ServerApp.port={port}"],
                       files={"jupyter_server_config.json": json.dumps(config).encode()},
                       env={"JUPYTER_RUNTIME_DIR": service_dir(target, "jupyter") + "/runtime"})
-        say(f"starting JupyterLab on {target.name} ...")
+
+        def prepare(conn: Any) -> None:  # once the local port is known to be free: a busy one is the only line
+            say(f"starting JupyterLab on {target.name} ...")
+            ensure_tool(conn, target, "jupyterlab", say, index)
+
         foreground(home, chosen, target, svc, port, lambda p: f"JupyterLab: http://127.0.0.1:{p}/lab?token={token}"
-                   "\n(Ctrl-C stops it)", prepare=lambda conn: ensure_tool(conn, target, "jupyterlab", say))
+                   "\n(Ctrl-C stops it)", prepare=prepare)
 
 
 def run_url(home: Path, cluster: Any, run: str | None) -> tuple[str, str]:
@@ -201,15 +215,17 @@ def tensorboard(c, run=None, node="", port=0, stop=False, cluster=None):
 
     home = inventory.home_dir()
     with cli.user_errors():
+        port = parse_port(port, "--port", allow_zero=True)  # before anything is looked up or started
         chosen = inventory.resolve(home, cluster)
         if stop:
             return stop_everywhere(chosen, node, "tensorboard")
         run_id, url = run_url(home, chosen, run)
         target = resolve_node(chosen, node)
+        index = tool_index(chosen)
         svc = Service("tensorboard", ready_path="/", what=run_id,
                       command=["{python}", "-m", "workloads.board", "--run-url", url, "--port", "{port}"])
         foreground(home, chosen, target, svc, port, lambda p: f"TensorBoard for {run_id}: http://127.0.0.1:{p}/\n(Ctrl-C stops it)",
-                   prepare=lambda conn: ensure_tool(conn, target, "tensorboard", say))
+                   prepare=lambda conn: ensure_tool(conn, target, "tensorboard", say, index))
 
 
 @task(help={"run": "run id (default: the newest) or a run's storage URL", "node": NODE_HELP,
@@ -222,6 +238,7 @@ def serve(c, run=None, node="", port=0, kind="auto", max_batch=32, stop=False, c
 
     home = inventory.home_dir()
     with cli.user_errors():
+        port = parse_port(port, "--port", allow_zero=True)  # before anything is looked up or started
         chosen = inventory.resolve(home, cluster)
         if stop:
             return stop_everywhere(chosen, node, "serve")
@@ -231,17 +248,19 @@ def serve(c, run=None, node="", port=0, kind="auto", max_batch=32, stop=False, c
             raise ValueError(f"--max-batch must be >= 1; got {max_batch}")
         run_id, url = run_url(home, chosen, run)
         target = resolve_node(chosen, node)
+        index = tool_index(chosen)
         picked: dict[str, Any] = {}
 
         def prepare(conn: Any) -> None:
             import json
 
-            check = conn.run(f"{shlex.quote(node_python(target))} -m workloads.serve --check --run-url "
+            # the run first, without LitServe (a fresh node has none yet): a bad run installs nothing
+            check = conn.run(f"{shlex.quote(node_python(target))} -m workloads.serve_model --run-url "
                              f"{shlex.quote(url)} --kind {kind}", hide=True, warn=True)
             if not check.ok:
                 raise ServiceError(check.stderr.strip().removeprefix("error: ") or check.stdout.strip())
             picked.update(json.loads(check.stdout.strip().splitlines()[-1]))
-            ensure_tool(conn, target, "litserve", say)
+            ensure_tool(conn, target, "litserve", say, index)
 
         svc = Service("serve", ready_path="/health", what=run_id,
                       command=["{python}", "-m", "workloads.serve", "--run-url", url, "--kind", kind, "--port", "{port}",

@@ -6,7 +6,10 @@ or for one setup through `setup_cluster(..., extra_options={"frameworks": ["tens
 that needs TensorFlow passes). Every other node skips both steps and gets no TensorFlow.
 
     tensorflow         pip install of provision/tensorflow.toml's pin into the node's own venv:
-                       tensorflow-cpu on CPU nodes, tensorflow[and-cuda] beside the node's CUDA stack
+                       tensorflow-cpu on CPU nodes, tensorflow[and-cuda] beside the node's CUDA stack;
+                       constrained by the node lock (TensorFlow never moves a locked package: a conflict
+                       fails the step instead of breaking torch or the workload), from the setup's
+                       package index (provision/pip_index.py)
     tensorflow-verify  imports it from the node's venv and lists its devices (a GPU node must show its GPUs)
 """
 
@@ -126,14 +129,20 @@ class TensorflowStep(Step):
         return None
 
     def plan(self, ctx: StepContext) -> list[Cmd]:
+        from provision.pip_index import tool_index_args
+        from provision.steps.core import PythonEnvStep
+
         build = tf_build(ctx)
         py = shlex.quote(ctx.python)
         other = [p for p in DISTS if p != build.package][0]
+        # quick local nodes borrow the controller's packages and have no lock file of their own
+        lock = "" if ctx.shares_controller else f" -c {shlex.quote(PythonEnvStep().requirements_file(ctx))}"
+        index = tool_index_args(ctx.options.get("pip_index", ""))
         cmds = [
             # switching CPU <-> GPU build: the two distributions share the `tensorflow` package folder
             Cmd(f"if ls -d {dist_glob(ctx, DISTS[other])} >/dev/null 2>&1; then "
                 f"{py} -m pip uninstall --yes --quiet {other.split('[')[0]}; fi", desc=f"no {other}"),
-            Cmd(f"{py} {PIP} {shlex.quote(build.requirement)}", desc=build.requirement, timeout=1800),
+            Cmd(f"{py} {PIP}{index}{lock} {shlex.quote(build.requirement)}", desc=build.requirement, timeout=1800),
         ]
         return cmds
 

@@ -304,3 +304,4 @@ def test_the_cross_node_allreduce_check_runs_on_every_node(cluster, home):
     assert [row["size"] for row in result.rows] == ["64K", "1M"]
     assert all(row["busbw_gbps"] > 0 for row in result.rows)
     assert "busbw" in result.table
+    assert result.verdict.startswith("all-reduce passed across 2 nodes (gloo, 2 ranks; CPU nodes: a connectivity check")

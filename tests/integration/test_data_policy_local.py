@@ -66,14 +66,16 @@ def test_delete_data_on_a_running_local_cluster_asks_before_stopping_anything(ho
     refused = gpuforge(capsys, "down", "--cluster", "lab", "--delete-data", stdin="no\n")
 
     assert refused.code == 1 and (state / "cluster.json").exists() and our_processes(state)  # nothing stopped
-    assert gpuforge(capsys, "down", "--cluster", "lab", "--delete-data", stdin="y\n").code == 0
+    done = gpuforge(capsys, "down", "--cluster", "lab", "--delete-data", stdin="y\n")
+    assert done.code == 0 and "deleted" in done.out
+    assert "kept" not in done.out  # regression: it said "(its storage folder is kept)" and then deleted it
     assert not state.exists() and not our_processes(state)
 
 
 def test_an_empty_storage_folder_goes_with_the_cluster(home, capsys):
     assert gpuforge(capsys, "up", "--name", "lab", "--nodes", "1").code == 0
     down = gpuforge(capsys, "down", "--cluster", "lab")
-    assert down.code == 0 and "kept the data" not in down.out
+    assert down.code == 0 and "kept" not in down.out
     assert not (home / "clusters" / "lab").exists()
 
 

@@ -183,6 +183,40 @@ def test_forward_reaches_a_port_on_the_nodes_loopback_until_ctrl_c(cluster, home
         urllib.request.urlopen(f"http://127.0.0.1:{local}/", timeout=3)
 
 
+def test_scp_rsync_and_a_vs_code_style_socks_tunnel_work_by_host_name(cluster, home, tmp_path, loopback_server):
+    """What VS Code Remote-SSH does with the same config: `ssh -T -D PORT host bash` (its local server mode),
+    then its client reaches the node's loopback through that SOCKS tunnel."""
+    config = str(main_config_path(home))
+    host = f"{NAME}-node-2"  # through node 0 (ProxyJump)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("rsynced")
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    workdir = cluster.node(2).workdir
+    scp = subprocess.run(["scp", "-F", config, "-o", "BatchMode=yes", str(tmp_path / "model.pt"), f"{host}:{workdir}/"],
+                         capture_output=True, text=True, timeout=60)
+    assert scp.returncode == 0, scp.stderr
+    rsync = subprocess.run(["rsync", "-a", "-e", f"ssh -F {config} -o BatchMode=yes", f"{tmp_path / 'data'}/",
+                            f"{host}:{workdir}/data/"], capture_output=True, text=True, timeout=60)
+    assert rsync.returncode == 0, rsync.stderr
+    assert real_ssh(home, host, f"cat {workdir}/model.pt {workdir}/data/a.txt").stdout == "weightsrsynced"
+
+    from provision.services import local_port
+
+    socks = local_port(0)
+    vscode = subprocess.Popen(["ssh", "-F", config, "-o", "BatchMode=yes", "-T", "-D", f"127.0.0.1:{socks}", host, "bash"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        vscode.stdin.write(b"echo ready\n")
+        vscode.stdin.flush()
+        assert vscode.stdout.readline() == b"ready\n"
+        got = subprocess.run(["curl", "-sS", "--max-time", "20", "--socks5-hostname", f"127.0.0.1:{socks}",
+                              f"http://127.0.0.1:{loopback_server}/"], capture_output=True, text=True, timeout=30)
+        assert got.stdout == "served on the node's loopback", got.stderr
+    finally:
+        vscode.terminate()
+        vscode.wait(timeout=10)
+
+
 def test_local_nodes_forward_to_loopback_and_the_cluster_only(cluster, home, loopback_server):
     allowed = f"127.0.0.1:{loopback_server}"
     stranger = f"127.0.0.99:{loopback_server}"  # loopback range, but no node of ours: refused all the same

@@ -215,12 +215,12 @@ def test_a_plain_single_process_script_with_a_secret_and_env_overrides(cluster, 
     logs = gpuforge(home, project, "logs", "plain-1")
     status = gpuforge(home, project, "status", "plain-1")
     assert "*****" in logs.stdout and SECRET not in logs.stdout + status.stdout + res.stdout + res.stderr
-    fetched = gpuforge(home, tmp_path, "fetch", "plain-1", "--dest", "fetched")
-    data = json.loads((tmp_path / "fetched" / "plain-1" / "outputs" / "result.json").read_text())
+    fetched = gpuforge(home, project, "fetch", "plain-1")  # into ./runs of the folder the task ships
+    data = json.loads((project / "runs" / "plain-1" / "outputs" / "result.json").read_text())
     assert data == {"token": secret_sha(), "in_cmdlines": [], "greeting": "hi", "rank_vars": []}, fetched.stdout
-    assert_secret_nowhere(home, tmp_path / "fetched")
+    assert_secret_nowhere(home, project / "runs")
 
-    # the same task again: setup and code unchanged, nothing re-run or re-shipped
+    # the same task again: setup and code unchanged (fetched results are not code), nothing re-run or re-shipped
     codes = set((Path(cluster.node(0).workdir) / "code").iterdir())
     again = gpuforge(home, project, "launch", "task.yaml", "--cluster", "tk", API_TOKEN=SECRET)
     assert again.returncode == 0 and "node-0: setup unchanged" in again.stdout, again.stdout + again.stderr
@@ -251,23 +251,34 @@ def test_the_secrets_file_is_0600_from_its_creation(cluster, tmp_path):
         Path(path).unlink(missing_ok=True)
 
 
+# Rank 1 breaks and takes a few seconds to end its process (as a rank does whose exception unwinds through
+# teardown); rank 0 fails first, only because its peer went away. Named must be rank 1, its code and its error.
 CRASH = '''
-import sys
+import sys, time, traceback
 import torch.distributed as dist
 dist.init_process_group("gloo")
 if dist.get_rank() == 1:
-    raise SystemExit(3)
+    dist.destroy_process_group()
+    try:
+        raise ValueError("lr must be > 0, got -1")
+    except ValueError:
+        traceback.print_exc()
+    time.sleep(4)
+    sys.exit(3)
 dist.barrier()
 '''
 
 
-def test_a_failed_script_reports_its_own_exit_code_rank_and_node(cluster, home, tmp_path):
+def test_a_failed_script_reports_its_own_exit_code_rank_node_and_error(cluster, home, tmp_path):
+    """Regression (issue 10, defect 3): a script that exits 3 was reported as "exit code 1" on the wrong node
+    (the node whose rank lost its peer first)."""
     (tmp_path / "crash.py").write_text(CRASH)
     res = gpuforge(home, tmp_path, "train", "--cluster", "tk", "--script", "crash.py", "--run-id", "crash-1", "--follow")
     assert res.returncode == 3, res.stdout + res.stderr
-    assert f"run crash-1 failed on node-1 ({cluster.node(1).address}): rank 1 (local rank 0) exited with code 3" in res.stdout
+    said = "rank 1 (local rank 0) exited with code 3: ValueError: lr must be > 0, got -1"
+    assert f"run crash-1 failed on node-1 ({cluster.node(1).address}): {said}" in res.stdout, res.stdout[-3000:]
     status = gpuforge(home, tmp_path, "status", "crash-1", "--cluster", "tk")
-    assert "failed on node-1" in status.stdout and "rank 1 (local rank 0) exited with code 3" in status.stdout
+    assert f"run crash-1 failed on node-1 ({cluster.node(1).address}): {said}" in status.stdout, status.stdout
 
 
 def test_a_succeeded_script_leaves_no_traceback_in_its_logs(cluster, home, tmp_path):
@@ -370,6 +381,11 @@ def test_train_list_lists_the_jobs_and_chained_tasks_work(cluster, home, tmp_pat
     assert listed.stdout.split()[0] == "seed000-cnn" and "convnet-digits" in listed.stdout
     chained = gpuforge(home, tmp_path, "use", "tk", "exec", "--", "echo", "chained")
     assert chained.returncode == 0 and "[node-0] chained" in chained.stdout, chained.stdout + chained.stderr
+    # Regression (issue 10, defect 8): doctor exited 1 on a healthy local cluster for want of cloud credentials.
+    doctor = gpuforge(home, tmp_path, "doctor", "--cluster", "tk", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+                      CLOUDSDK_CONFIG="/nonexistent")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert doctor.stdout.strip().splitlines()[-1].startswith("doctor: ready for cluster tk (local)"), doctor.stdout
 
 
 def test_launch_down_tears_the_cluster_down_when_the_run_fails_or_is_interrupted(home, tmp_path):

@@ -29,6 +29,14 @@ def test_efa_types_over_tcp_sockets_are_not_ready():
         judge(record("nccl", 16, 44.0), (LOGS / "socket.log").read_text(), "aws", "p4d.24xlarge", 2, True, efa=True)
 
 
+def test_an_efa_provider_whose_plugin_then_failed_is_not_ready():
+    """The plugin named the EFA provider, failed to initialise, and NCCL fell back to its sockets (as published in
+    aws/aws-ofi-nccl#889): "Selected provider is efa" alone must not pass for EFA."""
+    with pytest.raises(ProvisionError, match="p4d.24xlarge has EFA, but NCCL used NCCL's TCP sockets across nodes"):
+        judge(record("nccl", 16, 44.0), (LOGS / "efa-plugin-failed.log").read_text(), "aws", "p4d.24xlarge", 2, True,
+              efa=True)
+
+
 def test_bandwidth_below_the_stated_fraction_of_the_reference_is_not_ready():
     ref = reference("aws", "p4d.24xlarge", "inter")
     assert ref.busbw_gbps == 50 and "EFA" in ref.source

@@ -1,6 +1,8 @@
 """The node supervisor's pure parts: the NCCL env file and failure classification."""
 
-from workloads.failures import explain_failure
+import time
+
+from workloads.failures import PEER_GRACE_S, explain_failure
 from workloads.runs import NodeStatus, RunStatus
 from workloads.supervise import load_env_file
 
@@ -36,6 +38,20 @@ def test_a_rank_that_lost_its_peer_is_secondary():
     failure = explain_failure(1, PEER_LOST)
     assert failure.secondary and failure.reason.startswith("the process exited with code 1: RuntimeError:")
     assert "Connection closed by peer" in failure.reason
+
+
+def test_a_peers_loss_named_in_passing_does_not_make_the_rank_that_broke_a_victim():
+    log = USER_TRACEBACK + "[W TCPStore.cpp:125] recvValue failed: Connection reset by peer\n"
+    assert not explain_failure(1, log).secondary
+
+
+def test_while_only_victims_have_failed_the_run_waits_for_the_rank_that_broke():
+    """Regression (issue 10, defect 3): the victim's node, failing first, was named, and the culprit was stopped."""
+    victim = NodeStatus("node-0", 0, "failed", "peer lost", ended=time.time() - 2, secondary=True)
+    status = RunStatus("r", [victim, NodeStatus("node-1", 1, "running")])
+    assert status.state == "running"
+    victim.ended = time.time() - PEER_GRACE_S - 1
+    assert status.state == "failed" and status.culprit is victim
 
 
 def test_the_culprit_is_the_node_that_failed_on_its_own():

@@ -189,6 +189,17 @@ def test_a_home_directory_is_never_shipped(tmp_path, monkeypatch):
             collect_workdir(root)
 
 
+def test_a_workdir_of_tilde_is_the_home_directory_and_so_refused(tmp_path, monkeypatch):
+    """Found trying it as a new user: `workdir: "~"` was taken as a folder named `~` next to the task file."""
+    home = tmp_path / "me"
+    (home / "proj").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    _, workdir = load_task(task_file(home / "proj", 'workdir: "~"\nrun: echo hi\n'))
+    assert workdir == home
+    with pytest.raises(ConfigError, match="it is \\(or holds\\) a home directory"):
+        collect_workdir(workdir)
+
+
 def test_past_the_limit_the_biggest_entries_are_named(tmp_path):
     root = tree(tmp_path / "proj", {"train.py": "x", "data/a.bin": b"0" * 700_000, "data/b.bin": b"0" * 400_000,
                                     "model.bin": b"0" * 300_000})

@@ -98,6 +98,14 @@ def test_the_install_runs_in_the_node_venv_and_a_passing_check_prevents_it():
     assert TensorflowStep().check(MockContext(run={probe: Result(exited=2)}), ctx) is False
 
 
+@pytest.mark.parametrize("setting, index", [("", ""), ("node", ""),
+                                            ("https://pypi.example.corp/simple", " --index-url https://pypi.example.corp/simple")])
+def test_the_install_keeps_the_node_lock_and_uses_the_setups_index(setting, index):
+    ctx = context(Facts(os_id="ubuntu", os_version="22.04"), options={"frameworks": ["tensorflow"], "pip_index": setting})
+    install = TensorflowStep().plan(ctx)[-1].run
+    assert install.endswith(f"--no-warn-script-location{index} -c /opt/gpuforge/node-requirements.txt tensorflow-cpu==2.21.0")
+
+
 def test_tensorflow_steps_run_after_the_venv_and_before_our_code():
     names = step_names()
     assert names.index("python_env") < names.index("tensorflow") < names.index("tensorflow-verify") < names.index("workload")
