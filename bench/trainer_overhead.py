@@ -2,13 +2,17 @@
 and data, measured side by side in one run (alternating blocks, so machine noise hits both).
 
     .venv/bin/python bench/trainer_overhead.py [--steps 30] [--rounds 5]
+    .venv/bin/python bench/trainer_overhead.py --notice     # 2 ranks (gloo): the preemption notice check's cost
 
-The last line is `ratio: X.XX` (trainer / bare; goal <= 1.05).
+The last line is `ratio: X.XX` (trainer / bare; goal <= 1.05). With --notice: two processes train the same job with
+DDP over gloo, alternating blocks of the trainer's step alone and of the step with the notice check train() makes
+before each step (workloads/notice.py); `notice ratio: X.XX` (with / without).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -67,11 +71,68 @@ def time_block(step, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def notice_rank(rank: int, port: int, steps: int, rounds: int, out: str) -> None:
+    """One of two ranks: blocks of train_step alone and with the notice check, alternating."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", GPUFORGE_PREEMPTIBLE="1")
+    torch.set_num_threads(1)
+    from workloads.notice import Notice
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(tmp)
+        trainer.net.train()
+        notice = Notice(trainer.rt)
+
+        def checked() -> None:
+            if notice.agreed():
+                raise RuntimeError("no notice was sent")
+            trainer.train_step()
+
+        for step in (trainer.train_step, checked):
+            time_block(step, 5)
+        without, with_ = [], []
+        for i in range(rounds):
+            pair = [(without, trainer.train_step), (with_, checked)]
+            for times, step in pair if i % 2 == 0 else pair[::-1]:
+                times.append(time_block(step, steps))
+        calls = []  # the check alone, as a step sees it: the time between two checks is a step's (5 ms here)
+        for _ in range(200):
+            time.sleep(0.005)
+            start = time.perf_counter()
+            notice.agreed()
+            calls.append(time.perf_counter() - start)
+    if rank == 0:
+        ratio = statistics.median(w / o for w, o in zip(with_, without))
+        Path(out).write_text(f"2 ranks (gloo, 1 thread each), {rounds} x {steps} steps each side\n"
+                             f"step alone:        {statistics.median(without) * 1000:.2f} ms\n"
+                             f"step with notice:  {statistics.median(with_) * 1000:.2f} ms\n"
+                             f"notice check alone: {statistics.median(calls) * 1e6:.0f} us per step (median of 200)\n"
+                             f"notice ratio: {ratio:.3f}\n")
+
+
+def notice_bench(steps: int, rounds: int) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.txt")
+        mp.spawn(notice_rank, args=(port, steps, rounds, out), nprocs=2)
+        print(Path(out).read_text(), end="")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--rounds", type=int, default=15, help="alternating blocks per side")
+    parser.add_argument("--notice", action="store_true", help="the preemption notice check's cost, on 2 ranks")
     args = parser.parse_args()
+    if args.notice:
+        notice_bench(args.steps, args.rounds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(tmp)
         trainer.net.train()

@@ -194,7 +194,10 @@ class AwsGpuCluster(pulumi.ComponentResource):
         spec = self._spec
         if (spec.nodes == 1 and spec.efa_interfaces == 0) or not spec.instance.compact_placement:
             return None
-        return aws.ec2.PlacementGroup(f"{self._name}-pg", strategy="cluster", tags=self._tags, opts=self._child)
+        # one group per zone: a cluster placement group holds instances of one zone only, and a cluster that moves
+        # (recovery, for want of capacity) creates its new nodes before the old ones go
+        return aws.ec2.PlacementGroup(f"{self._name}-pg-{spec.zone}", strategy="cluster", tags=self._tags,
+                                      opts=self._child)
 
     # -- storage and identity --------------------------------------------------------------------
     def _create_bucket(self) -> aws.s3.Bucket:

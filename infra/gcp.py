@@ -160,7 +160,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
         if spec.nodes == 1 or not spec.instance.compact_placement:
             return None
         return gcp.compute.ResourcePolicy(
-            f"{self._name}-placement", region=spec.region,
+            f"{self._name}-placement-{spec.zone}", region=spec.region,  # one per zone, as AWS's (infra/aws.py)
             group_placement_policy={"collocation": "COLLOCATED"},
             description=described("compact placement for gpuforge cluster nodes", spec), opts=self._child,
         )

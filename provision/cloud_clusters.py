@@ -57,8 +57,10 @@ def ask(out: Any, question: str, yes: bool) -> None:
 # -- up ------------------------------------------------------------------------------------------
 
 def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool = False,
-             roll_image: bool = False) -> Any:
-    """Create or update a cloud cluster (see the module docstring); returns its ClusterInfo."""
+             roll_image: bool = False, may_move: bool = False) -> Any:
+    """Create or update a cloud cluster (see the module docstring); returns its ClusterInfo. `may_move`
+    (recovery's bring-up): when the cluster's zone has no capacity for it, the whole cluster moves to the next zone
+    that offers the type (see up_in_zones)."""
     from infra.spec import ClusterSpec
     from infra.stacks import engine_for, require_cloud_packages, stack_config
 
@@ -84,7 +86,7 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
         name=name, cloud=cloud, state=registry.CREATING, cluster_id=cluster_id, region=spec.region,
         project=spec.project))
     try:
-        info = _up(home, spec, state, existing, given, registration, yes, roll_image, out)
+        info = _up(home, spec, state, existing, given, registration, yes, roll_image, out, may_move)
     except BaseException as exc:
         if fresh and not stack_exists(name, state):  # nothing was created: leave no trace
             registry.forget(home, name)
@@ -105,7 +107,7 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
 
 
 def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dict[str, Any],
-        registration: registry.Registration, yes: bool, roll_image: bool, out: Any) -> Any:
+        registration: registry.Registration, yes: bool, roll_image: bool, out: Any, may_move: bool = False) -> Any:
     from infra.preflight import preflight
     from infra.stacks import stack_outputs, up_stack
     from provision.clusters import ensure_cluster_key
@@ -115,14 +117,16 @@ def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dic
                                    "cluster_id": registration.cluster_id})
     spec.check_deployable()
     existing_nodes = len(stack_outputs(spec.name, state).get("cluster", {}).get("nodes", [])) if existing else 0
-    plan = cloud_call("the preflight checks", lambda: preflight(
-        spec, zone_given=bool(given.get("zone") or existing.get("gpuforge:zone")), existing_nodes=existing_nodes))
+    pinned = bool(given.get("zone") or existing.get("gpuforge:zone")) and not may_move
+    plan = cloud_call("the preflight checks", lambda: preflight(spec, zone_given=pinned, existing_nodes=existing_nodes))
+    zones = [spec.zone] + [z for z in plan.zones if z != spec.zone] if may_move and spec.zone in plan.zones \
+        else plan.zones
     image = cloud_call("choosing the image", lambda: choose_image(spec, existing, given, roll_image, out))
     spec = spec.model_copy(update={"image": image.id})
     if existing.get("gpuforge:image") and image.id != existing["gpuforge:image"]:
         preview_roll(spec, state, existing["gpuforge:image"], out, yes)
     out.print(f"{spec.nodes} x {spec.instance_type} ({spec.gpu_count} x {spec.gpu_model or 'GPU'}) in "
-              f"{plan.zones[0]}{' (spot)' if spec.spot else ''}: about [bold]${spec.cost_per_hour:,.2f}/h[/] "
+              f"{zones[0]}{' (spot)' if spec.spot else ''}: about [bold]${spec.cost_per_hour:,.2f}/h[/] "
               f"(catalog reference price); image {image.describe()}")
     for note in plan.notes:
         out.print(f"  {note}")
@@ -132,7 +136,8 @@ def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dic
         out.print(f"an earlier cluster {spec.name}'s data is still kept: {kept.describe()}")
     ask(out, "create it?" if not existing else "apply it?", yes)
     started = start_stopped_nodes(spec.name, state, out) if existing_nodes else {}
-    info = with_addresses(up_in_zones(spec, plan.zones, state, out, first_up=not existing_nodes), started)
+    info = with_addresses(up_in_zones(spec, zones, state, out, first_up=not existing_nodes, may_move=may_move),
+                          started)
     registry.save(home, registration.with_state(registry.READY, zone=info.extra.get("zone", ""),
                                                 region=info.region))
     return inventory.register(home, info)
@@ -214,9 +219,16 @@ def preview_roll(spec: Any, state: Path, pinned: str, out: Any, yes: bool) -> No
     ask(out, "roll the image?", yes)
 
 
-def up_in_zones(spec: Any, zones: list[str], state: Path, out: Any, first_up: bool) -> Any:
-    """`pulumi up` in the first zone; on a capacity error the next offered one (a first up only: an existing
-    cluster's nodes stay where they are); a quota error names the quota and how to raise it."""
+def up_in_zones(spec: Any, zones: list[str], state: Path, out: Any, first_up: bool, may_move: bool = False) -> Any:
+    """`pulumi up` in the first zone; on a capacity error the next offered one (a first up, or recovery's
+    `may_move`: else an existing cluster's nodes stay where they are); a quota error names the quota and how to
+    raise it.
+
+    A cluster that moves, moves whole: its placement group (AWS) or compact placement policy (GCP) and its subnet
+    (AWS: one per zone) hold nodes of one zone only, and nodes of two zones would train across zones (no EFA, no
+    compact placement, cross-zone traffic billed). So every node is replaced in the new zone (new group, new subnet,
+    created before the old ones go); their disks go with them, the bucket (regional) stays, and a resumed run goes
+    on from its checkpoint there."""
     from infra.capacity import aws_quota_hint, classify, gcp_quota_hint
     from infra.stacks import up_stack
 
@@ -231,12 +243,15 @@ def up_in_zones(spec: Any, zones: list[str], state: Path, out: Any, first_up: bo
                 hint = aws_quota_hint(failure.quota, failure.quota_name, spec.region) if spec.cloud == "aws" else \
                     gcp_quota_hint(failure.quota, spec.region, spec.project)
                 raise QuotaError(f"the cloud refused for a quota, not for capacity: {hint}") from exc
-            if failure.kind != "capacity" or not first_up:
+            if failure.kind != "capacity" or not (first_up or may_move):
                 raise
             tried.append(zone)
             rest = [z for z in zones if z not in tried]
             out.print(f"[yellow]{zone} has no {spec.instance_type} capacity now"
                       f"{'; trying ' + rest[0] + ' (it offers the type)' if rest else ''}[/]")
+            if rest and not first_up:
+                out.print(f"[yellow]moving cluster {spec.name} to {rest[0]}: all {spec.nodes} node(s) are replaced "
+                          "there (placement and subnet hold one zone; their disks go, the bucket stays)[/]")
     raise CapacityError(f"no capacity for {spec.nodes} x {spec.instance_type} in any zone that offers it "
                         f"({', '.join(tried)}); try later, another region, or --spot")
 

@@ -16,8 +16,9 @@ What is not: a rank that failed on its own (its error is not a peer loss) while 
 user's code fails the same way when run again.
 
 Bringing the cluster back (bring_back()): a local node is restarted (its sshd and "disk" as they were, as a
-rebooted machine); a cloud cluster's stack is brought up again, which replaces a lost instance in its zone (or
-the next zone that offers the type, provision/cloud_clusters.py); machines of a hosts file are waited for.
+rebooted machine); a cloud cluster's stack is brought up again, which replaces a lost instance in its zone; when that
+zone has no capacity for it, the whole cluster moves to the next zone that offers the type (every node replaced
+there: placement and subnet hold one zone; provision/cloud_clusters.py up_in_zones); machines of a hosts file are waited for.
 Then `setup_cluster` (idempotent: only a new node does work) and `start_run(resume)`: our jobs continue from
 their newest complete checkpoint. Each recovery is recorded in the run's record (workloads/runs.py) with
 its cause, node, steps lost and the seconds of each phase; `gpuforge status` shows them.
@@ -91,7 +92,7 @@ def bring_back(cluster: ClusterInfo, home: Path, out: Callable[[str], None]) -> 
 
         out(f"bringing the {cluster.cloud} stack up again (replaces lost instances)")
         refresh_stack(cluster.name, inventory.cluster_dir(home, cluster.name), on_output=lambda line: None)
-        up_cloud(home, cluster.cloud, cluster.name, {}, yes=True)
+        up_cloud(home, cluster.cloud, cluster.name, {}, yes=True, may_move=True)
         return inventory.resolve(home, cluster.name)
     deadline = time.monotonic() + HOST_WAIT_S
     while down:

@@ -31,6 +31,7 @@ from typing import Any
 from infra.cluster import ClusterInfo, NodeInfo
 from workloads.control import (busy_runs, cancel_run, exec_on_nodes, fetch_run, follow_run, logs, node_status,
                                read_log, run_dir, run_status, stop_run)
+from workloads.cluster_marks import pick_alive_port, write_marks
 from workloads.errors import ConfigError
 from workloads.remote import Connections, on_nodes, raise_first
 from workloads.runs import LaunchError, find_record, load_record, save_record
@@ -41,6 +42,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DEFAULT_START_TIMEOUT_S = 900.0  # torch import + rendezvous + first step; a big model's first step can take minutes
 DIST_TIMEOUT_S = 300  # GPUFORGE_DIST_TIMEOUT for the ranks: bounds a collective waiting on a dead peer
 NCCL_ENV_FILE = "/etc/gpuforge/nccl.env"  # written by the efa step (provision/versions.py)
+PREEMPTIBLE_ENV = "GPUFORGE_PREEMPTIBLE"  # workloads/notice.py: "1" when the nodes' supervisors watch for a notice
 METADATA_URL_ENV = "GPUFORGE_METADATA_URL"  # tests and emulators: the preemption watcher's metadata service
 
 
@@ -175,6 +177,8 @@ def run_env(cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], node: No
         "DSTACK_NODE_RANK": str(node.rank), "DSTACK_MASTER_NODE_IP": nodes[0].private_address,
         "DSTACK_NODES_IPS": ips, "DSTACK_NODES_NUM": str(len(nodes)), "DSTACK_GPUS_PER_NODE": gpus,
     }
+    if preemption_watch(cluster):  # the trainer's ranks check for a notice only where one can come
+        env[PREEMPTIBLE_ENV] = "1"
     if spec.outputs:
         env["GPUFORGE_OUTPUTS"] = f"{working_dir(spec, node)}/{spec.outputs['path']}"
     if cluster.cloud == "local":  # all nodes share this machine's cores: don't oversubscribe them
@@ -301,19 +305,24 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
         port = on_nodes(cluster, nodes[:1], pick_port, pool)[0]
         raise_first([port], nodes[:1], "choosing the master port")
         worker_ports = pick_worker_ports(cluster, nodes, {port}, pool) if is_tensorflow_job(spec) else None
+        alive_port = pick_alive_port(cluster, nodes[0], {port, *(worker_ports or [])}, pool) \
+            if len(nodes) < len(cluster.nodes) else 0
         if bundle is not None:
             ship_bundle(cluster, nodes, bundle, pool)
         save_record(home, cluster, spec, nodes, port, attempt)
         results = on_nodes(cluster, nodes, lambda conn, node: start_node(conn, node, cluster, spec, nodes, port, attempt,
-                                                                       worker_ports, bundle, secrets), pool)
+                                                                       worker_ports, bundle, secrets, alive_port), pool)
         if any(isinstance(r, Exception) for r in results):
             stop_run(cluster, nodes, spec.run_id, pool)  # never leave half a run behind
             raise_first(results, nodes, "starting the run")
+    if alive_port:  # the nodes outside the run stay up while it is active (workloads/cluster_marks.py)
+        write_marks(cluster, nodes, spec.run_id, nodes[0].private_address, alive_port)
     return nodes
 
 
 def start_node(conn: Any, node: NodeInfo, cluster: ClusterInfo, spec: RunSpec, nodes: list[NodeInfo], port: int,
-               attempt: int, worker_ports: list[int] | None, bundle: Any, secrets: dict[str, str]) -> None:
+               attempt: int, worker_ports: list[int] | None, bundle: Any, secrets: dict[str, str],
+               alive_port: int = 0) -> None:
     """The run's folder on one node (the earlier attempt's log kept, the shipped code copied in), its run.json
     and secrets, then its supervisor, detached."""
     from workloads.secretfile import put_secret_file
@@ -335,7 +344,7 @@ def start_node(conn: Any, node: NodeInfo, cluster: ClusterInfo, spec: RunSpec, n
                 "venv": venv_of(node), "storage_url": spec.storage_url, "env_file": NCCL_ENV_FILE,
                 "start_timeout": spec.start_timeout if spec.job else 0, "attempt": attempt,
                 "outputs": spec.outputs, "secrets_file": f"{directory}/secrets.json" if secrets else "",
-                "preemption": preemption_watch(cluster)}
+                "preemption": preemption_watch(cluster), "alive_port": alive_port}
     conn.put(io.BytesIO(json.dumps(run_spec, indent=1).encode()), f"{directory}/run.json")
     if secrets:
         put_secret_file(conn, f"{directory}/secrets.json", secrets)

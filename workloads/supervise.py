@@ -157,6 +157,18 @@ class Supervisor:
         self.log(f"started pid {self.proc.pid}: {' '.join(self.spec['command'])}")
         self.watch_preemption()
 
+    def listen_alive(self) -> None:
+        """Rank 0's: the port the cluster's other nodes' autostop watchers check (workloads/cluster_marks.py)."""
+        port = int(self.spec.get("alive_port") or 0)
+        if not port or self.spec["node_rank"] != 0:
+            return
+        from workloads.cluster_marks import AliveListener
+
+        try:
+            AliveListener(self.spec["env"]["MASTER_ADDR"], port).start()
+        except OSError as exc:  # the other nodes' marks then expire: they may stop, the run goes on
+            self.log(f"no liveness port {port}: {exc}")
+
     def watch_preemption(self) -> None:
         """On a spot/preemptible node: watch the metadata service, and on notice signal the run's group."""
         watch = self.spec.get("preemption")
@@ -248,6 +260,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.save()
+        self.listen_alive()
         self.start()
         start_timeout = float(self.spec.get("start_timeout", 0))
         last_peer_check = 0.0

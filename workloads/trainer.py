@@ -186,6 +186,7 @@ class Trainer:
                     self.log_eval(self.evaluate("val"))
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint(wait=not cfg.ckpt_async)
+            notice.close()
             wall = time.monotonic() - started
             if self.step != self.resumed_from:  # a run resumed from its last checkpoint has nothing new to save
                 self.save_checkpoint(wait=True)

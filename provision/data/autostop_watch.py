@@ -4,7 +4,8 @@
 
 Standard library only (it runs under the system's python3, before and without our venv). Every POLL_S it looks for
 work: a run of ours whose supervisor is alive (`<runs_dir>/*/status.json` in state running or starting, as
-workloads/supervise.py writes it), or an SSH connection open to this node's sshd for at least `session_min_s`
+workloads/supervise.py writes it), a run of ours elsewhere on the cluster (a mark in `<runs_dir>/../cluster-runs/`
+whose head answers a TCP connect, or did within `mark_grace_s`; workloads/cluster_marks.py), or an SSH connection open to this node's sshd for at least `session_min_s`
 (an interactive `ssh`, a `jupyter`/`tensorboard`/`forward` tunnel, a `logs --follow`, a `setup` in progress; the
 seconds-long probes of `status` do not count). When there has been none for `idle_s`, it stops the node:
 - `poweroff`: the OS shuts down; the cloud then stops (or, as the program set it, terminates) the instance;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,8 @@ from pathlib import Path
 
 ESTABLISHED = "01"  # /proc/net/tcp's state code (include/net/tcp_states.h)
 ACTIVE_RUN_STATES = ("running", "starting")
+MARK_GRACE_S = 300.0  # a cluster mark counts this long after its head last answered (or it was written)
+PROBE_TIMEOUT_S = 2.0
 
 
 def active_runs(runs_dir: str) -> list[str]:
@@ -38,6 +42,38 @@ def active_runs(runs_dir: str) -> list[str]:
         pid = data.get("supervisor_pid")
         if data.get("state") in ACTIVE_RUN_STATES and isinstance(pid, int) and pid_alive(pid):
             found.append(status.parent.name)
+    return found
+
+
+def head_answers(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def cluster_runs(marks_dir: Path, grace_s: float, last_ok: dict[str, float], now: float) -> list[str]:
+    """Run ids of the cluster's marks still alive (see the module docstring); a mark whose head has not answered
+    for `grace_s` is deleted. `last_ok`: when each mark's head last answered (the watcher's memory)."""
+    found = []
+    for mark in sorted(marks_dir.glob("*.json")):
+        try:
+            data = json.loads(mark.read_text())
+            written = mark.stat().st_mtime
+            address, port = data["head"]
+            if head_answers(str(address), int(port)):
+                last_ok[mark.name] = now
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if now - max(written, last_ok.get(mark.name, 0.0)) < grace_s:
+            found.append(str(data.get("run_id", mark.stem)))
+            continue
+        last_ok.pop(mark.name, None)
+        try:
+            mark.unlink()
+        except OSError:
+            pass
     return found
 
 
@@ -85,10 +121,14 @@ class Watcher:
         self.poll_s = float(config.get("poll_s", 15))
         self.session_min_s = float(config.get("session_min_s", 30))
         self.first_seen: dict[str, float] = {}
+        self.mark_grace_s = float(config.get("mark_grace_s", MARK_GRACE_S))
+        self.marks_ok: dict[str, float] = {}
         self.last_busy = time.time()
 
     def busy_reasons(self, now: float) -> list[str]:
         reasons = [f"run {run}" for run in active_runs(self.config["runs_dir"])]
+        marks = Path(self.config["runs_dir"]).parent / "cluster-runs"
+        reasons += [f"run {run} on the cluster" for run in cluster_runs(marks, self.mark_grace_s, self.marks_ok, now)]
         connections = ssh_connections(int(self.config["ssh_port"]), self.config.get("ssh_address", ""))
         self.first_seen = {key: self.first_seen.get(key, now) for key in connections}
         sessions = [key for key, since in self.first_seen.items() if now - since >= self.session_min_s]

@@ -28,6 +28,8 @@ POLL_S = 15.0  # a look every 15 s: the stop comes at most this late, and costs 
 SESSION_MIN_S = 30.0  # an SSH connection counts as a session once open this long (the `status` probes are shorter)
 LOCAL_POLL_S = 0.5  # local nodes: tests run the whole path with a timeout of seconds
 LOCAL_SESSION_MIN_S = 1.0
+MARK_GRACE_S = 300.0  # a run elsewhere on the cluster: its head unanswered this long (or starting) ends its mark
+LOCAL_MARK_GRACE_S = 3.0
 UNIT = """\
 [Unit]
 Description=gpuforge autostop: stop this node when no run and no SSH session has been active for a while
@@ -90,6 +92,7 @@ def watcher_config(ctx: StepContext, layout: Layout) -> dict[str, Any]:
         "idle_s": idle_seconds(ctx), "runs_dir": f"{ctx.workdir}/runs", "state_path": layout.state,
         "ssh_port": ctx.node.ssh_port, "poll_s": LOCAL_POLL_S if local else POLL_S,
         "session_min_s": LOCAL_SESSION_MIN_S if local else SESSION_MIN_S,
+        "mark_grace_s": LOCAL_MARK_GRACE_S if local else MARK_GRACE_S,
         "action": "stop-sshd" if local else "poweroff",
     }
     if local:  # every local node shares this machine's network: only connections to this node's sshd count

@@ -1,8 +1,9 @@
 """Autostop's whole path on the embedded local cluster, with a timeout of seconds: real sshd nodes, the real watcher
 (provision/data/autostop_watch.py) installed by `gpuforge setup`, a real run and the real OpenSSH client.
 
-up --autostop 2s -> setup -> a run on node-0 and an `ssh` session on node-1 keep them up past the timeout ->
-both end -> each node stops itself (its sshd ends) -> `clusters`/`status` say stopped -> `up` starts the cluster
+up --autostop 2s -> setup -> a run on node-0 only keeps both nodes up past the timeout (a run of ours is active on the
+cluster) -> it ends while an `ssh` session on node-1 is open -> node-0 stops itself (its sshd ends), node-1 stays up
+until the session ends, then stops -> `clusters`/`status` say stopped -> `up` starts the cluster
 again (the watcher comes back with it) -> `setup` changes nothing -> it stops again when idle.
 """
 
@@ -83,35 +84,42 @@ def test_a_run_and_an_ssh_session_keep_nodes_up_then_idle_nodes_stop_and_up_brin
     assert cluster.extra["autostop_s"] == IDLE_S
     assert {watcher_state(cluster, r).get("idle_s") for r in (0, 1)} == {IDLE_S}
 
-    # work on both nodes: a run of ours on node-0 (only), an interactive ssh session on node-1
+    # a run of ours on node-0 only (`--nodes 1`) and an interactive ssh session on node-1
     (tmp_path / "work").mkdir()
     done = tmp_path / "done"  # the run ends when the test says so (quick nodes share this machine's files)
-    start_run(cluster, RunSpec(command=f"while [ ! -e {done} ]; do sleep 0.2; done", workdir=str(tmp_path / "work"), nodes=1, run_id="busy-run",
-                               storage_url=cluster.storage_url), home)
+    start_run(cluster, RunSpec(command=f"while [ ! -e {done} ]; do sleep 0.2; done", workdir=str(tmp_path / "work"),
+                               nodes=1, run_id="busy-run", storage_url=cluster.storage_url), home)
     session = ssh_session(home, 1)
     wait_for(lambda: "run busy-run" in watcher_state(cluster, 0)["busy"], 30, "the watcher to see the run")
-    wait_for(lambda: watcher_state(cluster, 1)["busy"] == ["2 ssh session(s)"], 30, "the watcher to see the session")
-    for keeper in keepers:
+    wait_for(lambda: watcher_state(cluster, 1)["busy"] == ["run busy-run on the cluster", "2 ssh session(s)"], 30,
+             "node-1's watcher to see the cluster's run and the session")
+    for keeper in [*keepers, session]:
         end(keeper)
+
+    # the run alone keeps both up: node-0 runs it, node-1 is in the cluster it runs on
+    time.sleep(IDLE_S + 2)  # well past the timeout
+    assert power_states(cluster) == {"node-0": "running", "node-1": "running"}
+    assert watcher_state(cluster, 0)["busy"] == ["run busy-run"]
+    assert watcher_state(cluster, 1)["busy"] == ["run busy-run on the cluster"]
+    status = gpuforge(home, "status")
+    assert status.returncode == 0, status.stderr
+    assert "node-0: busy (run busy-run)" in status.stdout, status.stdout
+    assert "node-1: busy (run busy-run on the cluster)" in status.stdout, status.stdout
+
+    # the run ends while an ssh session is open on node-1: node-0 stops, node-1 (its mark gone) stays for the session
+    session = ssh_session(home, 1)
     try:
-        time.sleep(IDLE_S + 2)  # well past the timeout
-        assert power_states(cluster) == {"node-0": "running", "node-1": "running"}
-        assert watcher_state(cluster, 0)["busy"] == ["run busy-run"]
-        assert watcher_state(cluster, 1)["busy"] == ["1 ssh session(s)"]
-        status = gpuforge(home, "status")
-        assert status.returncode == 0, status.stderr
-        assert "node-0: busy (run busy-run)" in status.stdout and "node-1: busy (1 ssh session(s))" in status.stdout
+        wait_for(lambda: "1 ssh session(s)" in watcher_state(cluster, 1)["busy"], 30, "the watcher to see the session")
+        done.write_text("")
+        wait_for(lambda: power_states(cluster)["node-0"] == "stopped", STOP_WITHIN_S, "node-0 to stop after its run")
+        wait_for(lambda: watcher_state(cluster, 1)["busy"] == ["1 ssh session(s)"], STOP_WITHIN_S,
+                 "node-1's mark of the run to end")
+        time.sleep(IDLE_S + 1)
+        assert power_states(cluster)["node-1"] == "running", "node-1 must stay up while its ssh session is open"
     finally:
         end(session)
-
-    # node-1 is idle from now, node-0 once the run ends: each stops itself
-    wait_for(lambda: power_states(cluster)["node-1"] == "stopped", STOP_WITHIN_S, "node-1 to stop")
-    assert power_states(cluster)["node-0"] == "running", "node-0 must stay up while its run is active"
-    time.sleep(IDLE_S + 1)
-    assert power_states(cluster)["node-0"] == "running", "node-0 must stay up while its run is active"
-    done.write_text("")
-    wait_for(lambda: power_states(cluster) == {"node-0": "stopped", "node-1": "stopped"}, STOP_WITHIN_S + 5,
-             "node-0 to stop after its run")
+    wait_for(lambda: power_states(cluster) == {"node-0": "stopped", "node-1": "stopped"}, STOP_WITHIN_S,
+             "node-1 to stop after its session")
     listing = gpuforge(home, "clusters")
     assert NAME in listing.stdout and "stopped" in listing.stdout, listing.stdout
     status = gpuforge(home, "status")

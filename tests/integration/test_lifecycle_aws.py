@@ -353,6 +353,15 @@ def test_down_with_checkpoints_in_the_bucket_succeeds_and_keeps_them(aws, capsys
     assert running_nodes(session) == {}
 
 
+def up_for_recovery(session, capsys, tmp_path):
+    """The 2-node cluster up: our home, its cluster id and its live instances by name."""
+    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
+    assert gpuforge(capsys, *UP).code == 0
+    home = tmp_path / "home"
+    cluster_id = registration(home)["cluster_id"]
+    return home, cluster_id, live_instances(session, cluster_id)
+
+
 def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, tmp_path):
     """A spot node reclaimed (terminated in moto): recovery's bring_back refreshes the stack and brings it up again,
     which creates that node's instance anew, in the zone it was in; the other node is untouched."""
@@ -360,11 +369,7 @@ def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, t
     from provision.recovery import bring_back
 
     session, _ = aws
-    publish_ami(session, "gpuforge-a100-1", datetime.now(timezone.utc) - timedelta(days=1))
-    assert gpuforge(capsys, *UP).code == 0
-    home = tmp_path / "home"
-    cluster_id = registration(home)["cluster_id"]
-    before = live_instances(session, cluster_id)
+    home, cluster_id, before = up_for_recovery(session, capsys, tmp_path)
     ec2 = session.client("ec2")
     zone_of = {i["InstanceId"]: i["Placement"]["AvailabilityZone"]
                for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]}
@@ -382,4 +387,43 @@ def test_recovery_replaces_a_terminated_instance_in_the_same_zone(aws, capsys, t
         InstanceIds=[after[lost_name]])["Reservations"] for i in r["Instances"])
     assert new_zone == zone_of[before[lost_name]]
     assert len(cluster.nodes) == 2
+    assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0
+
+
+def test_recovery_moves_the_cluster_to_the_next_zone_when_its_zone_has_no_capacity(aws, capsys, tmp_path):
+    """The lost node's zone has no capacity for its replacement: the whole cluster moves to the next zone that offers
+    the type (a placement group and a subnet hold one zone): every node is replaced there, in a new placement group
+    and subnet, saying so; the old zone's group and subnet are gone and the cluster's zone is the new one."""
+    from provision import inventory
+    from provision.recovery import bring_back
+
+    session, engines = aws
+    home, cluster_id, before = up_for_recovery(session, capsys, tmp_path)
+    ec2 = session.client("ec2")
+    ec2.terminate_instances(InstanceIds=[before["demo-1"]])
+    moto_ext.exhaust(f"{REGION}a", "p4d.24xlarge")
+    capsys.readouterr()
+
+    cluster = bring_back(inventory.resolve(home, "demo"), home, lambda line: None)
+
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{REGION}a has no p4d.24xlarge capacity now; trying {REGION}b" in said
+    assert f"moving cluster demo to {REGION}b: all 2 node(s) are replaced there" in said
+    after = live_instances(session, cluster_id)
+    assert set(after) == {"demo-0", "demo-1"} and not set(after.values()) & set(before.values())
+    # moto places an instance in its default subnet whatever the launch template says; what the cloud was asked
+    # for is the template's default version (the one the instances were launched from) and the group each joined
+    template = ec2.describe_launch_template_versions(
+        LaunchTemplateName=ec2.describe_launch_templates()["LaunchTemplates"][0]["LaunchTemplateName"],
+        Versions=["$Default"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    group = template["Placement"]["GroupName"]
+    assert template["Placement"]["AvailabilityZone"] == f"{REGION}b" and group.startswith(f"demo-pg-{REGION}b")
+    assert {moto_ext.STATE.group_of_instance[i] for i in after.values()} == {group}
+    subnet = ec2.describe_subnets(SubnetIds=[template["NetworkInterfaces"][0]["SubnetId"]])["Subnets"][0]
+    assert subnet["AvailabilityZone"] == f"{REGION}b"
+    mine = [{"Name": "tag:gpuforge:cluster-id", "Values": [cluster_id]}]
+    assert [s["AvailabilityZone"] for s in ec2.describe_subnets(Filters=mine)["Subnets"]] == [f"{REGION}b"]
+    assert len(ec2.describe_placement_groups(Filters=mine)["PlacementGroups"]) == 1
+    assert engines.made[-1].config("demo")["gpuforge:zone"] == f"{REGION}b"
+    assert registration(home)["zone"] == f"{REGION}b" and len(cluster.nodes) == 2
     assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0

@@ -265,6 +265,14 @@ def test_a_type_sold_only_as_spot_is_refused_without_spot_before_anything(gcp, c
     assert not (tmp_path / "home" / "clusters" / "demo").exists()
 
 
+def up_for_recovery(gce, capsys, tmp_path):
+    """The 2-node cluster up: our home, its VMs (name -> (zone scope, id)) and the one the test will lose."""
+    bake_image(gce, "gpuforge-a100-1", "2026-11-01T00:00:00.000-00:00")
+    assert gpuforge(capsys, *UP).code == 0
+    before = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
+    return tmp_path / "home", before, sorted(before)[1]
+
+
 def test_recovery_replaces_a_deleted_instance_in_the_same_zone(gcp, capsys, tmp_path):
     """A node's VM gone (deleted in the fake Compute endpoint): recovery's bring_back refreshes the stack and brings
     it up again, which creates that VM anew in its zone; the other node stays as it was."""
@@ -272,11 +280,7 @@ def test_recovery_replaces_a_deleted_instance_in_the_same_zone(gcp, capsys, tmp_
     from provision.recovery import bring_back
 
     gce, _, _ = gcp
-    bake_image(gce, "gpuforge-a100-1", "2026-11-01T00:00:00.000-00:00")
-    assert gpuforge(capsys, *UP).code == 0
-    home = tmp_path / "home"
-    before = {r["name"]: (scope, r["id"]) for scope, r in gce.items("instances")}
-    lost = sorted(before)[1]
+    home, before, lost = up_for_recovery(gce, capsys, tmp_path)
     with gce.lock:  # gone at once, as a VM Google deleted (the API's delete would need its operation polled)
         del gce.store["instances"][(PROJECT, before[lost][0])][lost]
     assert lost not in gce.names("instances")
@@ -288,3 +292,34 @@ def test_recovery_replaces_a_deleted_instance_in_the_same_zone(gcp, capsys, tmp_
     assert all(after[n] == before[n] for n in before if n != lost), "the healthy node must not be replaced"
     assert len(cluster.nodes) == 2
     assert gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes").code == 0
+
+
+def test_recovery_moves_the_cluster_to_the_next_zone_when_its_zone_has_no_capacity(gcp, capsys, tmp_path):
+    """The lost VM's zone answers ZONE_RESOURCE_POOL_EXHAUSTED: the whole cluster moves to the next zone that offers
+    the type, with a compact placement policy of that zone, saying so; the old zone's VMs and policy are gone."""
+    from provision import inventory
+    from provision.recovery import bring_back
+
+    gce, _, _ = gcp
+    home, before, lost = up_for_recovery(gce, capsys, tmp_path)
+    scope = before[lost][0]
+    zone = scope.removeprefix("zones/")
+    with gce.lock:  # deleted by Google, with its boot disk (auto-delete)
+        del gce.store["instances"][(PROJECT, scope)][lost]
+        del gce.store["disks"][(PROJECT, scope)][lost]
+    gce.exhaust(zone, "a2-highgpu-8g")
+    capsys.readouterr()
+
+    cluster = bring_back(inventory.resolve(home, "demo"), home, lambda line: None)
+
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{zone} has no a2-highgpu-8g capacity now; trying {REGION}-b" in said, said
+    assert f"moving cluster demo to {REGION}-b: all 2 node(s) are replaced there" in said
+    after = {r["name"]: (scope, r) for scope, r in gce.items("instances")}
+    assert set(after) == set(before) and {s for s, _ in after.values()} == {f"zones/{REGION}-b"}
+    used = {p.rsplit("/", 1)[-1] for _, r in after.values() for p in r.get("resourcePolicies", [])}
+    stored = [r["name"] for _, r in gce.items("resourcePolicies")]
+    assert len(used) == 1 and used == set(stored) and f"placement-{REGION}-b" in stored[0], (used, stored)
+    assert registration(home)["zone"] == f"{REGION}-b" and len(cluster.nodes) == 2
+    down = gpuforge(capsys, "down", "--cluster", "demo", "--delete-data", "--yes")
+    assert down.code == 0, down.out + down.err

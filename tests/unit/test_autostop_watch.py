@@ -77,3 +77,47 @@ def test_an_ssh_connection_counts_once_it_has_been_open_session_min_s(tmp_path, 
     assert w.busy_reasons(t + 5) == ["1 ssh session(s)"]
     open_now.clear()
     assert w.busy_reasons(t + 6) == []
+
+
+def write_mark(tmp_path, run_id: str, port: int, written: float) -> Path:
+    marks = tmp_path / "cluster-runs"
+    marks.mkdir(exist_ok=True)
+    mark = marks / f"{run_id}.json"
+    mark.write_text(json.dumps({"run_id": run_id, "head": ["127.0.0.1", port]}))
+    os.utime(mark, (written, written))
+    return mark
+
+
+def test_a_run_elsewhere_on_the_cluster_counts_while_its_head_answers_and_its_mark_ends_within_the_grace(tmp_path):
+    """workloads/cluster_marks.py: the mark counts while the run's head supervisor answers, and at most
+    mark_grace_s after it last did: a run that ended (or a head that went) keeps the node up no longer."""
+    import socket
+
+    head = socket.create_server(("127.0.0.1", 0))
+    w = watcher(tmp_path, mark_grace_s=5)
+    now = w.last_busy
+    alive = write_mark(tmp_path, "long", head.getsockname()[1], written=now - 3600)  # written an hour ago
+    assert not w.step(now)
+    assert json.loads((tmp_path / "state.json").read_text())["busy"] == ["run long on the cluster"]
+    head.close()  # the run ends: its supervisor's port closes
+    assert not w.step(now + 4) and json.loads((tmp_path / "state.json").read_text())["busy"] == [
+        "run long on the cluster"], "within the grace of the last answer"
+    assert not w.step(now + 6)
+    assert json.loads((tmp_path / "state.json").read_text())["busy"] == [] and not alive.exists()
+    assert not w.step(now + 13) and w.step(now + 14)  # then its own idle clock: idle_s after the last busy look
+
+
+def test_a_starting_run_s_mark_counts_for_the_grace_only_when_its_head_never_answers(tmp_path):
+    """A crashed launch or a lost controller leaves a mark nobody answers: it keeps the node up mark_grace_s, no more."""
+    import socket
+
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    w = watcher(tmp_path, mark_grace_s=5)
+    now = w.last_busy
+    mark = write_mark(tmp_path, "lost", port, written=now)
+    assert not w.step(now + 1)
+    assert json.loads((tmp_path / "state.json").read_text())["busy"] == ["run lost on the cluster"]
+    assert not w.step(now + 5.5) and not mark.exists()
+    assert json.loads((tmp_path / "state.json").read_text())["busy"] == []
