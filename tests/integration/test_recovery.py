@@ -113,7 +113,7 @@ def test_a_preempted_run_saves_on_notice_and_is_recovered_from_that_checkpoint(c
 
     with FakeAwsMetadata() as imds:
         monkeypatch.setenv(METADATA_URL_ENV, f"aws={imds.url}")
-        args = [*JOB, "max_steps=30", "ckpt_every=100"]  # no periodic checkpoint: only the notice's
+        args = [*JOB, "max_steps=60", "ckpt_every=100"]  # no periodic checkpoint: only the notice's; 60 steps, so the notice (polled every second) lands before the end on an idle machine
         start_run(cluster, RunSpec(job="convnet-digits", nodes=2, run_id="spot", args=args,
                                    storage_url=cluster.storage_url), home)
         progress = Path(cluster.node(1).workdir) / "runs" / "spot" / "progress.json"
