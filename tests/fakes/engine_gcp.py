@@ -199,6 +199,9 @@ class GcpCloud(CloudTranslator):
         if old.type == "gcp:compute/instance:Instance" and new_inputs.get("serviceAccount") != old.inputs.get(
                 "serviceAccount"):
             self._set_service_account(old, new_inputs["serviceAccount"])
+            _, project, _, zone, _, name = old.id.split("/")
+            live = self.compute.InstancesClient(**self.kw).get(project=project, zone=zone, instance=name)
+            return self._instance_outputs(new_inputs, live)
         return {**old.outputs, **new_inputs}
 
     def _set_service_account(self, old: Resource, account: dict) -> None:
@@ -267,11 +270,14 @@ class GcpCloud(CloudTranslator):
         op = self._call("creating instance", instances.insert, project=project, zone=zone, instance_resource=body)
         self.wait(op, project, "instance to create", zone=zone)
         live = instances.get(project=project, zone=zone, instance=i["name"])
+        return f"projects/{project}/zones/{zone}/instances/{i['name']}", self._instance_outputs(i, live)
+
+    def _instance_outputs(self, i: dict, live: Any) -> dict:
+        """The provider's outputs: the inputs and what the API computed (addresses: a restarted VM gets new ones)."""
         nic_out = live.network_interfaces[0]
-        return f"projects/{project}/zones/{zone}/instances/{i['name']}", {
-            **i, "selfLink": live.self_link, "instanceId": str(live.id),
-            "networkInterfaces": [{**nic_in, "networkIp": nic_out.network_i_p,
-                                   "accessConfigs": [{"natIp": a.nat_i_p} for a in nic_out.access_configs]}]}
+        return {**i, "selfLink": live.self_link, "instanceId": str(live.id),
+                "networkInterfaces": [{**i["networkInterfaces"][0], "networkIp": nic_out.network_i_p,
+                                       "accessConfigs": [{"natIp": a.nat_i_p} for a in nic_out.access_configs]}]}
 
     # -- delete ------------------------------------------------------------------------------------
     def delete(self, res: Resource, provider: dict) -> None:
