@@ -32,6 +32,7 @@ import pulumi
 import pulumi_gcp as gcp
 
 from images.lookup import DLVM_FAMILIES, DLVM_PROJECT, baked_image_filter, image_family
+from infra.autostop import gcp_self_delete
 from infra.cluster import CLUSTER_ID_LABEL, CLUSTER_LABEL, ownership_marker
 from infra.spec import ClusterSpec
 
@@ -81,7 +82,7 @@ def described(text: str, spec: ClusterSpec) -> str:
 
 def self_deletes(spec: ClusterSpec) -> bool:
     """Autodown with autostop on: the nodes get the right to delete their own VMs (else nothing new is made)."""
-    return bool(spec.autodown and spec.autostop)
+    return gcp_self_delete(spec.autodown, spec.autostop)
 
 
 def warn_unpinned(image: str) -> str:

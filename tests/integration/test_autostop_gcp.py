@@ -65,6 +65,7 @@ def test_stopped_vms_keep_their_disks_and_up_starts_them_again_and_autodown_vms_
     # autodown: the program grants each node's account the right to delete the cluster's VMs, and the Compute scope
     autodown = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--autodown", "--yes")
     assert autodown.code == 0, autodown.text
+    assert "autodown on changes the nodes' access scopes" in autodown.out and "stopped and started again" in autodown.out
     changed = sorted((op, typ.rsplit(":", 1)[-1]) for op, typ, _ in engines.last_steps() if op != "same")
     assert changed == [("create", "InstanceIAMMember")] * 2 + [("update", "Instance")] * 2, changed
     now = vms(gce, cluster_id)
