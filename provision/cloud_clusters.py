@@ -220,7 +220,8 @@ def note_scope_change(spec: Any, existing: dict[str, str], out: Any) -> None:
                           parse_autostop(existing.get("gpuforge:autostop") or f"{DEFAULT_S}s"))
     if was != gcp_self_delete(spec.autodown, spec.autostop):
         out.print(f"[yellow]autodown {'on' if not was else 'off'} changes the nodes' access scopes, which GCE changes "
-                  "only on a stopped VM: each node is stopped and started again (same disks; a run on it ends)[/]")
+                  "only on a stopped VM: each node is stopped and started again (same disks; a run on it ends); "
+                  "`gpuforge setup` then gives the watchers the new setting[/]")
 
 
 def preview_roll(spec: Any, state: Path, pinned: str, out: Any, yes: bool) -> None:
