@@ -15,8 +15,9 @@ What a node's own shutdown does (the program sets it):
   powers off: the program grants the nodes' service account Compute Instance Admin (v1) on the cluster's own
   instances (instance IAM members, nothing project-wide) and the Compute scope (infra/gcp.py); a node that cannot
   (refused, no network) only powers off.
-Either cloud: the stack's state lives on the controller, so the rest (network, policies, a VM left stopped) goes when
-the controller next looks (`clusters`, `status`, `up`: provision/autostop.py finish_autodown), as `down` does, data kept.
+Either cloud: the stack's state lives on the controller, so the rest (network, policies, a VM left stopped) goes
+when the controller next looks (`clusters`, `status`, `up`: provision/autostop.py finish_autodown), as `down` does,
+its data kept.
 """
 
 from __future__ import annotations

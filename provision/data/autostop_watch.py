@@ -39,7 +39,7 @@ PROBE_TIMEOUT_S = 2.0
 GCE_METADATA = "http://metadata.google.internal"  # every GCE VM's metadata server (config: gcp_metadata_url)
 COMPUTE_API = "https://compute.googleapis.com"  # Compute Engine's REST root (config: gcp_compute_url)
 API_TIMEOUT_S = 10.0  # one metadata or Compute request; a node that cannot reach them powers off instead
-DELETE_GRACE_S = 120.0  # GCE shuts the guest down itself once it deletes the VM; a poweroff after this is the safety net
+DELETE_GRACE_S = 120.0  # GCE shuts the guest down itself as it deletes the VM; a poweroff after this: the safety net
 
 
 class SelfDeleteError(Exception):
@@ -251,8 +251,8 @@ class Watcher:
                 "controller deletes it and the rest of the cluster when it next looks")
             return False
         grace = float(self.config.get("delete_grace_s", DELETE_GRACE_S))
-        log(f"autodown: Compute Engine is deleting this VM (operation {operation}); a poweroff follows in {grace:.0f} s "
-            "if it is still up")
+        log(f"autodown: Compute Engine is deleting this VM (operation {operation}); a poweroff follows in "
+            f"{grace:.0f} s if it is still up")
         time.sleep(grace)
         return True
 

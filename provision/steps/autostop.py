@@ -10,8 +10,8 @@ Where it lives and how it runs:
 What stopping means is decided here, never on the node: `poweroff` on a cloud node, `stop-sshd` on a local one (a
 local node never powers this machine off); with autodown on GCP the node first deletes its own VM (`self_delete`,
 the program grants it that: infra/gcp.py), its Compute and metadata endpoints those of GPUFORGE_GCP_ENDPOINT and
-GPUFORGE_METADATA_URL (`gcp=URL`) when the controller has them set (an emulator), else Google's. With autostop off the watcher is removed. Hosts clusters (machines the
-user already has) get none.
+GPUFORGE_METADATA_URL (`gcp=URL`) when the controller has them set (an emulator), else Google's. With autostop off
+the watcher is removed. Hosts clusters (machines the user already has) get none.
 """
 
 from __future__ import annotations

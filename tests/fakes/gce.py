@@ -5,8 +5,8 @@ preflight checks, image baking and the lifecycle tests' stand-in for `pulumi up`
 aggregatedList/delete/stop/start/setLabels/setServiceAccount/getIamPolicy/setIamPolicy), disks, firewalls, networks,
 subnetworks, addresses, resourcePolicies, images (insert from a disk, get, list, getFromFamily, delete), machineTypes
 and acceleratorTypes (per zone, from `offerings`), regions.get and projects.get with their quotas, zone/region/global
-operations (get, wait), and IAM's projects.serviceAccounts (create/get/list/delete) under /v1/. Lists page with maxResults/pageToken; `filter` follows
-the documented rules (tests/fakes/gce_filter.py: several expressions only in parentheses, the two forms not mixed).
+operations (get, wait), and IAM's projects.serviceAccounts (create/get/list/delete) under /v1/. Lists page with
+maxResults/pageToken; `filter` follows the documented rules (tests/fakes/gce_filter.py: several expressions only in parentheses, the two forms not mixed).
 
     with FakeCompute(project="p") as gce:
         disks = compute_v1.DisksClient(**gce.client_kwargs())
@@ -299,7 +299,8 @@ class FakeCompute:
                    rest: list[str]) -> None:
         """A service account's call (a bearer token) needs the method's permission (tests/fakes/gce_auth.py)."""
         if collection == "operations":
-            kind = {"zones": "zoneOperations", "regions": "regionOperations"}.get(scope.split("/")[0], "globalOperations")
+            kind = {"zones": "zoneOperations", "regions": "regionOperations"}.get(scope.split("/")[0],
+                                                                                  "globalOperations")
             permission, path, instance_id = f"compute.{kind}.get", f"projects/{project}/{scope}/operations", None
         else:
             verb = rest[1] if len(rest) == 2 else {("GET", 0): "list", ("POST", 0): "create", ("GET", 1): "get",

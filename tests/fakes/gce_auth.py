@@ -89,7 +89,8 @@ class Access:
                             "Request had insufficient authentication scopes.")
         member = f"serviceAccount:{email}"
         on_resource = self.policies.get(instance_id, {}).get("bindings", []) if instance_id else []
-        for bindings, roles in ((self.project_bindings.get(project, []), PROJECT_ROLES), (on_resource, ROLE_PERMISSIONS)):
+        on_project = self.project_bindings.get(project, [])
+        for bindings, roles in ((on_project, PROJECT_ROLES), (on_resource, ROLE_PERMISSIONS)):
             if any(member in b["members"] and permission in roles.get(b["role"], set()) for b in bindings):
                 return
         raise AuthError(403, "PERMISSION_DENIED", "forbidden", f"Required '{permission}' permission for '{resource}'")

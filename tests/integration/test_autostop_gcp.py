@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.cluster import ClusterInfo
 from tests.fakes.gcs import gcs_emulator  # noqa: F401 - fixture
 from tests.fakes.metadata import FakeGcpMetadata, GceNode
 from tests.integration.lifecycle import gpuforge
@@ -65,7 +66,8 @@ def test_stopped_vms_keep_their_disks_and_up_starts_them_again_and_autodown_vms_
     # autodown: the program grants each node's account the right to delete the cluster's VMs, and the Compute scope
     autodown = gpuforge(capsys, "up", "--cloud", "gcp", "--name", "demo", "--autodown", "--yes")
     assert autodown.code == 0, autodown.text
-    assert "autodown on changes the nodes' access scopes" in autodown.out and "stopped and started again" in autodown.out
+    assert "autodown on changes the nodes' access scopes" in autodown.out, autodown.out
+    assert "stopped and started again" in autodown.out
     changed = sorted((op, typ.rsplit(":", 1)[-1]) for op, typ, _ in engines.last_steps() if op != "same")
     assert changed == [("create", "InstanceIAMMember")] * 2 + [("update", "Instance")] * 2, changed
     now = vms(gce, cluster_id)
@@ -75,7 +77,8 @@ def test_stopped_vms_keep_their_disks_and_up_starts_them_again_and_autodown_vms_
     zone = now["demo-0"]["zone"].rsplit("/", 1)[-1]
     stranger = seed_stranger(gce, zone)  # another cluster's node: its account has no grant on any VM
     nodes = {name: vm["zone"].rsplit("/", 1)[-1] for name, vm in now.items()}
-    logs, offs = run_watchers(monkeypatch, capsys, gce, {**nodes, stranger: zone})
+    cluster = ClusterInfo.load(home / "clusters" / "demo" / "cluster.json")  # what `setup` configures from
+    logs, offs = run_watchers(monkeypatch, capsys, gce, cluster, {**nodes, stranger: zone})
     assert vms(gce, cluster_id) == {}, logs  # each node deleted its own VM, with its boot disk
     assert not any(d.startswith("demo-") for d in gce.names("disks")), gce.names("disks")
     assert all("Compute Engine is deleting this VM" in logs[name] for name in nodes), logs
@@ -99,10 +102,15 @@ def seed_stranger(gce, zone: str) -> str:
     return "other-0"
 
 
-def run_watchers(monkeypatch, capsys, gce, nodes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
-    """Each node's watcher reaching its stop, as on the node: its delete path against its own metadata server and
-    the fake Compute endpoint; the poweroff it falls back to is recorded, not run. Returns each node's log and the
-    nodes that powered off."""
+def run_watchers(monkeypatch, capsys, gce, cluster: ClusterInfo, nodes: dict[str, str]) -> tuple[dict[str, str],
+                                                                                        set[str]]:
+    """Each node's watcher reaching its stop, as on the node: with the config the autostop step writes for the
+    cluster's record (GPUFORGE_GCP_ENDPOINT and GPUFORGE_METADATA_URL point it at the fakes), its delete path against
+    its own metadata server and the fake Compute endpoint; the poweroff it falls back to is recorded, not run.
+    Returns each node's log and the nodes that powered off."""
+    from provision.steps.autostop import Layout, watcher_config
+    from provision.steps.base import StepContext
+
     spec = importlib.util.spec_from_file_location("autostop_watch", WATCH)
     watch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(watch)
@@ -111,9 +119,12 @@ def run_watchers(monkeypatch, capsys, gce, nodes: dict[str, str]) -> tuple[dict[
     for name, zone in nodes.items():
         monkeypatch.setattr(watch, "poweroff", lambda name=name: offs.add(name))
         with FakeGcpMetadata(node=GceNode(gce, name, zone)) as metadata:
-            config = {"idle_s": 1, "runs_dir": "/nonexistent", "ssh_port": 1, "state_path": "/nonexistent",
-                      "action": "poweroff", "self_delete": "gcp", "gcp_metadata_url": metadata.url,
-                      "gcp_compute_url": gce.endpoint, "delete_grace_s": 0}
+            monkeypatch.setenv("GPUFORGE_METADATA_URL", f"gcp={metadata.url}")
+            node = next((n for n in cluster.nodes if n.name == name), cluster.nodes[0])  # the stranger: alike
+            ctx = StepContext(cluster=cluster, node=node)
+            config = {**watcher_config(ctx, Layout(ctx)), "delete_grace_s": 0}
+            assert config["action"] == "poweroff" and config["self_delete"] == "gcp", config
+            assert config["gcp_compute_url"] == gce.endpoint and config["gcp_metadata_url"] == metadata.url
             capsys.readouterr()
             watch.Watcher(config).stop_node()
             logs[name] = capsys.readouterr().out
