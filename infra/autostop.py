@@ -10,8 +10,14 @@ stopping. The node side is provision/data/autostop_watch.py, installed by provis
 What a node's own shutdown does (the program sets it):
 - AWS: the instance's `instance_initiated_shutdown_behavior`, `stop` (disks kept, compute not billed) or, with
   autodown or on spot (a one-time spot instance cannot be stopped, EC2 refuses `stop` for it), `terminate`;
-- GCP: a guest shutdown leaves the VM TERMINATED, GCE's word for stopped (disks kept); nothing to set. With autodown
-  the VM stops the same way, and the controller deletes what is left (`down`, data kept) the next time it looks.
+- GCP: a guest shutdown leaves the VM TERMINATED, GCE's word for stopped (disks kept); nothing to set. No instance
+  setting turns it into a delete, so with autodown the node deletes its own VM through the Compute API before it
+  powers off: the program grants the nodes' service account Compute Instance Admin (v1) on the cluster's own
+  instances (instance IAM members, nothing project-wide) and the Compute scope (infra/gcp.py); a node that cannot
+  (refused, no network) only powers off.
+Either cloud: the stack's state lives on the controller, so the rest (network, policies, a VM left stopped) goes
+when the controller next looks (`clusters`, `status`, `up`: provision/autostop.py finish_autodown), as `down` does,
+its data kept.
 """
 
 from __future__ import annotations
@@ -66,6 +72,11 @@ def stack_value(seconds: int) -> str:
 def aws_shutdown_behavior(autodown: bool, spot: bool) -> str:
     """EC2's instance_initiated_shutdown_behavior: what the node's own `poweroff` does."""
     return "terminate" if autodown or spot else "stop"
+
+
+def gcp_self_delete(autodown: bool, seconds: int) -> bool:
+    """GCP: whether the nodes get the right to delete their own VMs (autodown with autostop on; infra/gcp.py)."""
+    return bool(autodown and seconds)
 
 
 def describe(seconds: int, autodown: bool) -> str:

@@ -13,7 +13,9 @@ account take none, and carry the same two facts as a marker in their description
   requires it (A3); a boot disk of `disk_gb` from the image the stack records (`gpuforge:image`, set by `fab up`
   at the first up), else our baked family, else a Deep Learning VM family; the cluster's public
   key in instance metadata (`ssh-keys`), project-wide keys blocked;
-- a service account whose only storage grant is on this cluster's bucket (a bucket IAM member);
+- a service account whose only storage grant is on this cluster's bucket (a bucket IAM member); with autodown (and
+  autostop on) also SELF_DELETE_ROLE on each of the cluster's own instances (an instance IAM member per node, no
+  project-wide grant) and the Compute scope, so an idle node's watcher can delete its own VM (infra/autostop.py);
 - a GCS bucket: uniform bucket-level access, public access prevention enforced, versioning, old versions
   deleted after a while. It holds the user's data: `retain_on_delete`, so `pulumi destroy` leaves it.
 
@@ -30,6 +32,7 @@ import pulumi
 import pulumi_gcp as gcp
 
 from images.lookup import DLVM_FAMILIES, DLVM_PROJECT, baked_image_filter, image_family
+from infra.autostop import gcp_self_delete
 from infra.cluster import CLUSTER_ID_LABEL, CLUSTER_LABEL, ownership_marker
 from infra.spec import ClusterSpec
 
@@ -49,6 +52,15 @@ NODE_SCOPES = [  # the service account's IAM grants decide what is allowed; scop
     "https://www.googleapis.com/auth/logging.write",
     "https://www.googleapis.com/auth/monitoring.write",
 ]
+# Autodown: instances.delete takes the compute (or cloud-platform) OAuth scope and compute.instances.delete on the
+# instance (Compute API reference, instances.delete). The narrowest predefined role that holds it and can be granted
+# on one instance is Compute Instance Admin (v1); granted per instance it reaches that VM only (IAM roles for Compute
+# Engine: "Lowest-level resources where you can grant this role: ... Instance"). A custom role holding just the one
+# permission would be narrower, but it needs iam.roles.create of whoever runs `up`, and a deleted custom role keeps
+# its id for 37 days (IAM: "you can't create a new role with the same ID" until it is purged), so each cluster would
+# need a fresh id and leave one behind. The boot disk goes with the VM: its auto_delete is set (below).
+COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
+SELF_DELETE_ROLE = "roles/compute.instanceAdmin.v1"
 
 
 def dlvm_image(os_name: str) -> str:
@@ -66,6 +78,11 @@ def cluster_labels(spec: ClusterSpec) -> dict[str, str]:
 def described(text: str, spec: ClusterSpec) -> str:
     """A description with our ownership marker, for the types that take no labels."""
     return f"{text} {ownership_marker(spec.name, spec.cluster_id)}"
+
+
+def self_deletes(spec: ClusterSpec) -> bool:
+    """Autodown with autostop on: the nodes get the right to delete their own VMs (else nothing new is made)."""
+    return gcp_self_delete(spec.autodown, spec.autostop)
 
 
 def warn_unpinned(image: str) -> str:
@@ -103,6 +120,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
         bucket = self._create_bucket(account)
         policy = self._create_placement_policy()
         self.image = self._resolve_image()
+        self._member = account.email.apply(lambda email: f"serviceAccount:{email}")
         addresses = [self._create_node(rank, subnet, account, policy) for rank in range(spec.nodes)]
 
         self.bucket_name = bucket.name
@@ -217,7 +235,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
             machine_type=spec.instance_type,
             zone=spec.zone,
             boot_disk={
-                "auto_delete": True,
+                "auto_delete": True,  # the disk goes with the VM: `down`, and an autodown node deleting itself
                 "initialize_params": {
                     "image": self.image, "size": spec.disk_gb, "type": BOOT_DISK_TYPE, "labels": self._labels,
                 },
@@ -226,7 +244,7 @@ class GcpGpuCluster(pulumi.ComponentResource):
             guest_accelerators=accelerators,
             scheduling=self._scheduling(),
             resource_policies=policy.self_link if policy else None,
-            service_account={"email": account.email, "scopes": NODE_SCOPES},
+            service_account={"email": account.email, "scopes": self._scopes()},
             metadata={
                 "ssh-keys": f"ubuntu:{spec.ssh_public_key}",
                 "block-project-ssh-keys": "TRUE",
@@ -239,14 +257,22 @@ class GcpGpuCluster(pulumi.ComponentResource):
             opts=self._child,
             **self._shutdown_options(),
         )
+        if self_deletes(spec):
+            gcp.compute.InstanceIAMMember(
+                f"{self._name}-node-{rank}-self-delete", instance_name=instance.name, zone=spec.zone,
+                project=spec.project or None, role=SELF_DELETE_ROLE, member=self._member, opts=self._child,
+            )
         nic_out = instance.network_interfaces[0]
         public = nic_out.access_configs.apply(lambda configs: configs[0].nat_ip if configs else "")
         return public, nic_out.network_ip
 
+    def _scopes(self) -> list[str]:
+        return [*NODE_SCOPES, COMPUTE_SCOPE] if self_deletes(self._spec) else list(NODE_SCOPES)
+
     def _shutdown_options(self) -> dict[str, Any]:
         """Instance arguments for what a VM does when its OS shuts down or it is preempted. Autostop needs none: a
-        guest `poweroff` leaves a GCE VM TERMINATED (stopped, disks kept), and there is no setting that deletes it
-        instead; with autodown the controller deletes what is left when it next looks (infra/autostop.py)."""
+        guest `poweroff` leaves a GCE VM TERMINATED (stopped, disks kept), and no instance setting deletes it
+        instead; with autodown the node's watcher deletes its own VM through the API (the grant above)."""
         return {}
 
     def _cluster_output(

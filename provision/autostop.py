@@ -123,9 +123,10 @@ def setting(cluster: ClusterInfo) -> str:
 
 
 def finish_autodown(home: Path, cluster: ClusterInfo) -> bool:
-    """An autodown cluster whose every node has gone (terminated; on GCP and local clusters: stopped, as their own
-    shutdown leaves them) is removed the next time the controller looks, as `fab down` would (its data kept): the
-    nodes cannot remove the stack, whose state lives on this machine. True when it was removed."""
+    """An autodown cluster whose every node has gone (terminated on AWS, deleted itself on GCP; stopped on a local
+    cluster, or a GCP node that could not delete itself and powered off instead) is removed the next time the
+    controller looks, as `fab down` would (its data kept): the nodes cannot remove the stack, whose state lives on
+    this machine. True when it was removed."""
     from infra.power import power_states
     from provision.cloud_clusters import console
     from provision.clusters import destroy

@@ -125,6 +125,8 @@ def _up(home: Path, spec: Any, state: Path, existing: dict[str, str], given: dic
     spec = spec.model_copy(update={"image": image.id})
     if existing.get("gpuforge:image") and image.id != existing["gpuforge:image"]:
         preview_roll(spec, state, existing["gpuforge:image"], out, yes)
+    if existing_nodes and spec.cloud == "gcp":
+        note_scope_change(spec, existing, out)
     out.print(f"{spec.nodes} x {spec.instance_type} ({spec.gpu_count} x {spec.gpu_model or 'GPU'}) in "
               f"{zones[0]}{' (spot)' if spec.spot else ''}: about [bold]${spec.cost_per_hour:,.2f}/h[/] "
               f"(catalog reference price); image {image.describe()}")
@@ -207,6 +209,19 @@ def choose_image(spec: Any, existing: dict[str, str], given: dict[str, Any], rol
             images, spec.project, spec.os, spec.gpu_model)
     except LookupError as exc:
         raise ProvisionError(str(exc)) from exc
+
+
+def note_scope_change(spec: Any, existing: dict[str, str], out: Any) -> None:
+    """Turning GCP autodown on or off changes the nodes' scopes (the Compute scope they delete themselves with), which
+    GCE changes only on a stopped VM: the provider stops and starts each node (allow_stopping_for_update)."""
+    from infra.autostop import DEFAULT_S, gcp_self_delete, parse_autostop
+
+    was = gcp_self_delete(existing.get("gpuforge:autodown") == "true",
+                          parse_autostop(existing.get("gpuforge:autostop") or f"{DEFAULT_S}s"))
+    if was != gcp_self_delete(spec.autodown, spec.autostop):
+        out.print(f"[yellow]autodown {'on' if not was else 'off'} changes the nodes' access scopes, which GCE changes "
+                  "only on a stopped VM: each node is stopped and started again (same disks; a run on it ends); "
+                  "`gpuforge setup` then gives the watchers the new setting[/]")
 
 
 def preview_roll(spec: Any, state: Path, pinned: str, out: Any, yes: bool) -> None:

@@ -8,7 +8,12 @@ workloads/supervise.py writes it), a run of ours elsewhere on the cluster (a mar
 whose head answers a TCP connect, or did within `mark_grace_s`; workloads/cluster_marks.py), or an SSH connection open to this node's sshd for at least `session_min_s`
 (an interactive `ssh`, a `jupyter`/`tensorboard`/`forward` tunnel, a `logs --follow`, a `setup` in progress; the
 seconds-long probes of `status` do not count). When there has been none for `idle_s`, it stops the node:
-- `poweroff`: the OS shuts down; the cloud then stops (or, as the program set it, terminates) the instance;
+- `poweroff`: the OS shuts down; the cloud then stops (or, as the program set it, terminates) the instance. With
+  `self_delete: gcp` (autodown on GCP) the watcher first asks Compute Engine to delete its own VM (instances.delete as
+  the VM's service account, which the program granted that on the cluster's instances only): GCE then shuts the guest
+  down and deletes the VM with its boot disk. If that fails (no permission, no network), one line says why and the
+  node powers off as without autodown (the VM stops; the controller removes the rest when it next looks). The
+  access token is used for that one request only: never logged, never written;
 - `stop-sshd`: a local node: its sshd ends (`sshd_pid` 1 is a VM-like node's whole namespace, else the PID in
   `sshd_pid_file`), which is what a stopped machine looks like from the controller.
 Its state (`state_path`, JSON) says when it will stop, so `fab status` can show the time left.
@@ -23,12 +28,81 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ESTABLISHED = "01"  # /proc/net/tcp's state code (include/net/tcp_states.h)
 ACTIVE_RUN_STATES = ("running", "starting")
 MARK_GRACE_S = 300.0  # a cluster mark counts this long after its head last answered (or it was written)
 PROBE_TIMEOUT_S = 2.0
+GCE_METADATA = "http://metadata.google.internal"  # every GCE VM's metadata server (config: gcp_metadata_url)
+COMPUTE_API = "https://compute.googleapis.com"  # Compute Engine's REST root (config: gcp_compute_url)
+API_TIMEOUT_S = 10.0  # one metadata or Compute request; a node that cannot reach them powers off instead
+DELETE_GRACE_S = 120.0  # GCE shuts the guest down itself as it deletes the VM; a poweroff after this: the safety net
+
+
+class SelfDeleteError(Exception):
+    """Why the VM could not delete itself: one line, without the token."""
+
+
+def metadata_get(base: str, path: str) -> bytes:
+    """One value of the GCE metadata server (`instance/name`, ...); never through a proxy, which it refuses."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(f"{base}/computeMetadata/v1/{path}", headers={"Metadata-Flavor": "Google"})
+    with opener.open(req, timeout=API_TIMEOUT_S) as resp:
+        return resp.read()
+
+
+def gce_identity(base: str) -> tuple[str, str, str]:
+    """(project id, zone, instance name) of this VM; `instance/zone` is `projects/NUMBER/zones/ZONE`."""
+    project = metadata_get(base, "project/project-id").decode().strip()
+    zone = metadata_get(base, "instance/zone").decode().strip().rsplit("/", 1)[-1]
+    name = metadata_get(base, "instance/name").decode().strip()
+    if not (project and zone and name):
+        raise ValueError(f"incomplete identity from the metadata server: {project!r} {zone!r} {name!r}")
+    return project, zone, name
+
+
+def gce_token(base: str) -> str:
+    """An OAuth access token of the VM's service account, with the VM's scopes."""
+    return str(json.loads(metadata_get(base, "instance/service-accounts/default/token"))["access_token"])
+
+
+def api_message(exc: urllib.error.HTTPError) -> str:
+    """The API's own message of an error reply (`Required 'compute.instances.delete' permission for ...`)."""
+    try:
+        body = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        return exc.reason or ""
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("message", "")) if isinstance(error, dict) else str(exc.reason or "")
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}: {api_message(exc)}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def delete_gce_instance(metadata_url: str = GCE_METADATA, compute_url: str = COMPUTE_API) -> str:
+    """Ask Compute Engine to delete this VM (instances.delete); the operation's name. SelfDeleteError says why not."""
+    try:
+        project, zone, name = gce_identity(metadata_url)
+        token = gce_token(metadata_url)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SelfDeleteError(f"the metadata server did not give this VM's name and token: {reason(exc)}") from None
+    target = f"projects/{project}/zones/{zone}/instances/{name}"
+    req = urllib.request.Request(f"{compute_url.rstrip('/')}/compute/v1/{target}", method="DELETE",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=API_TIMEOUT_S) as resp:
+            operation = json.loads(resp.read() or b"{}")
+    except (OSError, ValueError) as exc:
+        raise SelfDeleteError(f"instances.delete of {target}: {reason(exc)}") from None
+    return str(operation.get("name", "")) if isinstance(operation, dict) else ""
 
 
 def active_runs(runs_dir: str) -> list[str]:
@@ -159,11 +233,28 @@ class Watcher:
         action = self.config["action"]
         log(f"idle for {self.idle_s:.0f} s: {action}")
         if action == "poweroff":
-            subprocess.run(["systemctl", "poweroff"], check=False)
+            if self.config.get("self_delete") == "gcp":
+                self.delete_self()
+            poweroff()
             return
         pid = int(self.config.get("sshd_pid") or 0) or read_pid(self.config.get("sshd_pid_file", ""))
         if pid:
             os.kill(pid, signal.SIGTERM)
+
+    def delete_self(self) -> bool:
+        """Autodown on GCP: the VM deletes itself; False (and one line) when it could not, and it powers off instead."""
+        try:
+            operation = delete_gce_instance(self.config.get("gcp_metadata_url") or GCE_METADATA,
+                                            self.config.get("gcp_compute_url") or COMPUTE_API)
+        except SelfDeleteError as exc:
+            log(f"autodown: this VM could not delete itself ({exc}); powering off instead: the VM stops, and the "
+                "controller deletes it and the rest of the cluster when it next looks")
+            return False
+        grace = float(self.config.get("delete_grace_s", DELETE_GRACE_S))
+        log(f"autodown: Compute Engine is deleting this VM (operation {operation}); a poweroff follows in "
+            f"{grace:.0f} s if it is still up")
+        time.sleep(grace)
+        return True
 
     def run(self) -> None:
         while True:
@@ -171,6 +262,10 @@ class Watcher:
                 self.stop_node()
                 return
             time.sleep(self.poll_s)
+
+
+def poweroff() -> None:
+    subprocess.run(["systemctl", "poweroff"], check=False)
 
 
 def read_pid(path: str) -> int:

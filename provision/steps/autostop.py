@@ -8,14 +8,17 @@ Where it lives and how it runs:
 - a quick local node: the same files under `<workdir>/.gpuforge/autostop`, started detached; `fab up` of the
   stopped cluster runs its boot script again (infra/local.py).
 What stopping means is decided here, never on the node: `poweroff` on a cloud node, `stop-sshd` on a local one (a
-local node never powers this machine off). With autostop off the watcher is removed. Hosts clusters (machines the
-user already has) get none.
+local node never powers this machine off); with autodown on GCP the node first deletes its own VM (`self_delete`,
+the program grants it that: infra/gcp.py), its Compute and metadata endpoints those of GPUFORGE_GCP_ENDPOINT and
+GPUFORGE_METADATA_URL (`gcp=URL`) when the controller has them set (an emulator), else Google's. With autostop off
+the watcher is removed. Hosts clusters (machines the user already has) get none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from importlib import resources
 from typing import Any
@@ -95,12 +98,29 @@ def watcher_config(ctx: StepContext, layout: Layout) -> dict[str, Any]:
         "mark_grace_s": LOCAL_MARK_GRACE_S if local else MARK_GRACE_S,
         "action": "stop-sshd" if local else "poweroff",
     }
+    if ctx.cluster.cloud == "gcp" and ctx.cluster.extra.get("autodown"):
+        config.update(self_delete_config())
     if local:  # every local node shares this machine's network: only connections to this node's sshd count
         config["ssh_address"] = ctx.node.private_address
         if layout.quick:
             config["sshd_pid_file"] = f"{ctx.workdir}/sshd.pid"
         else:
             config["sshd_pid"] = 1  # a VM-like node's sshd is its namespace's PID 1: ending it ends the node
+    return config
+
+
+def self_delete_config() -> dict[str, Any]:
+    """Autodown on GCP: the watcher deletes its own VM (provision/data/autostop_watch.py), at Google's endpoints or,
+    when the controller points at stand-ins, at theirs."""
+    from infra.gcp_api import ENDPOINT_ENV
+    from workloads.launch import METADATA_URL_ENV
+
+    config: dict[str, Any] = {"self_delete": "gcp"}
+    if os.environ.get(ENDPOINT_ENV):
+        config["gcp_compute_url"] = os.environ[ENDPOINT_ENV].rstrip("/")
+    cloud, _, url = os.environ.get(METADATA_URL_ENV, "").partition("=")
+    if cloud == "gcp" and url.startswith("http"):
+        config["gcp_metadata_url"] = url.rstrip("/")
     return config
 
 

@@ -6,6 +6,10 @@ Mirrored from the provider: autonames (`<name>-<7 hex>`) for unnamed resources, 
 labelled resource's labels, operations waited on (through clients on the same endpoint), and errors phrased as the
 provider prints them ("Error waiting for instance to create: <the operation's message>", as recorded in
 hashicorp/terraform-provider-google#20573). BucketIAMMember is recorded but not applied (the emulator has no IAM).
+InstanceIAMMember is applied as the provider does it: a read-modify-write of the instance's IAM policy
+(instances.getIamPolicy, add the member to the role's binding, setIamPolicy with the etag), and removed the same way.
+An instance whose service account or scopes change is stopped, changed (setServiceAccount) and started again, as the
+provider does with allow_stopping_for_update.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ REPLACE_KEYS = {
     "gcp:serviceaccount/account:Account": ("accountId",),
     "gcp:storage/bucket:Bucket": ("location", "name"),
     "gcp:storage/bucketIAMMember:BucketIAMMember": ("bucket", "role", "member"),
+    "gcp:compute/instanceIAMMember:InstanceIAMMember": ("instanceName", "zone", "project", "role", "member"),
     "gcp:compute/instance:Instance": ("name", "zone", "bootDisk", "guestAccelerators", "networkInterfaces",
                                       "scheduling"),
 }
@@ -167,6 +172,54 @@ class GcpCloud(CloudTranslator):
         i = res.inputs
         return f"b/{i['bucket']}/{i['role']}/{i['member']}", dict(i)  # recorded only: the emulator has no IAM
 
+    def create_instanceiammember(self, res: Resource, p: dict) -> tuple[str, dict]:
+        i, project = res.inputs, self.project(res, p)
+        zone = i.get("zone") or p.get("zone")
+        self._call("applying IAM policy for compute instance", self._edit_policy, project=project, zone=zone,
+                   instance=i["instanceName"], role=i["role"], member=i["member"], add=True)
+        path = f"projects/{project}/zones/{zone}/instances/{i['instanceName']}"
+        return f"{path} {i['role']} {i['member']}", {**i, "project": project, "zone": zone}
+
+    def _edit_policy(self, project: str, zone: str, instance: str, role: str, member: str, add: bool) -> None:
+        c = self.compute
+        client = c.InstancesClient(**self.kw)
+        where = {"project": project, "zone": zone, "resource": instance}
+        policy = client.get_iam_policy(**where)
+        bindings = {b.role: list(b.members) for b in policy.bindings}
+        members = bindings.setdefault(role, [])
+        if add and member not in members:
+            members.append(member)
+        if not add:
+            bindings[role] = [m for m in members if m != member]
+        request = c.ZoneSetPolicyRequest(policy=c.Policy(
+            etag=policy.etag, bindings=[c.Binding(role=r, members=m) for r, m in bindings.items() if m]))
+        client.set_iam_policy(zone_set_policy_request_resource=request, **where)
+
+    def update(self, old: Resource, new_inputs: dict, provider: dict) -> dict:
+        if old.type == "gcp:compute/instance:Instance" and new_inputs.get("serviceAccount") != old.inputs.get(
+                "serviceAccount"):
+            self._set_service_account(old, new_inputs["serviceAccount"])
+            _, project, _, zone, _, name = old.id.split("/")
+            live = self.compute.InstancesClient(**self.kw).get(project=project, zone=zone, instance=name)
+            return self._instance_outputs(new_inputs, live)
+        return {**old.outputs, **new_inputs}
+
+    def _set_service_account(self, old: Resource, account: dict) -> None:
+        """Stop, setServiceAccount, start: GCE changes a VM's account and scopes only while it is stopped."""
+        c = self.compute
+        _, project, _, zone, _, name = old.id.split("/")
+        instances = c.InstancesClient(**self.kw)
+        running = instances.get(project=project, zone=zone, instance=name).status == "RUNNING"
+        where = {"project": project, "zone": zone, "instance": name}
+        if running:
+            self.wait(self._call("stopping instance", instances.stop, **where), project, "instance to stop", zone=zone)
+        body = c.InstancesSetServiceAccountRequest(email=account["email"], scopes=account.get("scopes", []))
+        self.wait(self._call("setting service account", instances.set_service_account,
+                             instances_set_service_account_request_resource=body, **where), project,
+                  "service account to change", zone=zone)
+        if running:
+            self.wait(self._call("starting instance", instances.start, **where), project, "instance to start", zone=zone)
+
     def exists(self, res: Resource, provider: dict) -> bool:
         """For refresh: an instance that is no more (deleted) is gone; a stopped one (TERMINATED) still exists."""
         from google.api_core.exceptions import NotFound
@@ -217,11 +270,14 @@ class GcpCloud(CloudTranslator):
         op = self._call("creating instance", instances.insert, project=project, zone=zone, instance_resource=body)
         self.wait(op, project, "instance to create", zone=zone)
         live = instances.get(project=project, zone=zone, instance=i["name"])
+        return f"projects/{project}/zones/{zone}/instances/{i['name']}", self._instance_outputs(i, live)
+
+    def _instance_outputs(self, i: dict, live: Any) -> dict:
+        """The provider's outputs: the inputs and what the API computed (addresses: a restarted VM gets new ones)."""
         nic_out = live.network_interfaces[0]
-        return f"projects/{project}/zones/{zone}/instances/{i['name']}", {
-            **i, "selfLink": live.self_link, "instanceId": str(live.id),
-            "networkInterfaces": [{**nic_in, "networkIp": nic_out.network_i_p,
-                                   "accessConfigs": [{"natIp": a.nat_i_p} for a in nic_out.access_configs]}]}
+        return {**i, "selfLink": live.self_link, "instanceId": str(live.id),
+                "networkInterfaces": [{**i["networkInterfaces"][0], "networkIp": nic_out.network_i_p,
+                                       "accessConfigs": [{"natIp": a.nat_i_p} for a in nic_out.access_configs]}]}
 
     # -- delete ------------------------------------------------------------------------------------
     def delete(self, res: Resource, provider: dict) -> None:
@@ -255,6 +311,10 @@ class GcpCloud(CloudTranslator):
                 self.gcs().bucket(res.id).delete()
             elif kind == "BucketIAMMember":
                 return
+            elif kind == "InstanceIAMMember":
+                i = res.inputs
+                self._edit_policy(res.outputs.get("project") or project, res.outputs.get("zone") or i["zone"],
+                                  i["instanceName"], i["role"], i["member"], add=False)
             else:
                 raise ProviderError(f"the GCP stand-in cannot delete {res.type}")
         except NotFound:

@@ -2,11 +2,11 @@
 
 One stdlib HTTP server in a thread, state in dicts. It speaks enough of the API for the leftover sweep, the
 preflight checks, image baking and the lifecycle tests' stand-in for `pulumi up`: instances (insert/get/list/
-aggregatedList/delete/stop/start/setLabels), disks, firewalls, networks, subnetworks, addresses, resourcePolicies,
-images (insert from a disk, get, list, getFromFamily, delete), machineTypes and acceleratorTypes (per zone, from
-`offerings`), regions.get and projects.get with their quotas, zone/region/global operations (get, wait), and IAM's
-projects.serviceAccounts (create/get/list/delete) under /v1/. Lists page with maxResults/pageToken; `filter` follows
-the documented rules (tests/fakes/gce_filter.py: several expressions only in parentheses, the two forms not mixed).
+aggregatedList/delete/stop/start/setLabels/setServiceAccount/getIamPolicy/setIamPolicy), disks, firewalls, networks,
+subnetworks, addresses, resourcePolicies, images (insert from a disk, get, list, getFromFamily, delete), machineTypes
+and acceleratorTypes (per zone, from `offerings`), regions.get and projects.get with their quotas, zone/region/global
+operations (get, wait), and IAM's projects.serviceAccounts (create/get/list/delete) under /v1/. Lists page with
+maxResults/pageToken; `filter` follows the documented rules (tests/fakes/gce_filter.py: several expressions only in parentheses, the two forms not mixed).
 
     with FakeCompute(project="p") as gce:
         disks = compute_v1.DisksClient(**gce.client_kwargs())
@@ -18,6 +18,9 @@ network that a firewall, subnetwork or instance uses, or a resource policy an in
 resourceInUseByAnotherResource; setLabels needs the current labelFingerprint (else 412 conditionNotMet); an instance
 insert is checked against the zone's offerings, gVNIC and compact-placement rules, and ends with
 ZONE_RESOURCE_POOL_EXHAUSTED in a zone `exhaust()`ed or QUOTA_EXCEEDED past a GPU quota (tests/fakes/gce_rules.py).
+A call without credentials is the project's owner's; one with a service account's bearer token (`access.issue`, what
+tests/fakes/metadata.py hands a node) needs the Compute scope and the method's permission through a binding on the
+instance or the project, else 403 as the API answers (tests/fakes/gce_auth.py); setServiceAccount needs the VM stopped.
 
 Operations are DONE at once. With `pending_polls=N` they report RUNNING for N polls and their effect (create,
 delete) lands only when they finish; a caller that does not wait sees the old state.
@@ -40,6 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlparse
 
+from tests.fakes.gce_auth import Access, AuthError
 from tests.fakes.gce_filter import FilterError, field_value, matches  # noqa: F401 - field_value re-exported
 from tests.fakes.gce_filter import parse_filter as _parse_filter
 from tests.fakes.gce_iam import ServiceAccounts
@@ -96,6 +100,7 @@ class FakeCompute:
         self.exhausted: set[tuple[str, str]] = set()  # (zone, machine type or "*")
         self.quotas: dict[tuple[str, str], float] = {}  # (project, region or "global") -> {metric: limit}
         self.iam = ServiceAccounts()
+        self.access = Access()  # tokens, instance IAM policies, the permission check (tests/fakes/gce_auth.py)
         self.store: dict[str, dict[tuple[str, str], dict[str, dict]]] = {c: {} for c in SCOPED}
         self.operations: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
@@ -125,7 +130,8 @@ class FakeCompute:
             def handle_any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                status, body = fake.dispatch(self.command, self.path, json.loads(raw) if raw else {})
+                status, body = fake.dispatch(self.command, self.path, json.loads(raw) if raw else {},
+                                             self.headers.get("Authorization", ""))
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
@@ -216,8 +222,15 @@ class FakeCompute:
         its error; with `leave` its resource is still created, with status FAILED."""
         self.faults[(kind, verb)] = (message, leave)
 
+    def finish_operations(self) -> None:
+        """Time passes: every pending operation ends, as GCE ends them whether or not anyone polls (a node that asked
+        for its own deletion does not wait for it)."""
+        with self.lock:
+            for name in list(self.operations):
+                self._finish(name)
+
     # -- routing ----------------------------------------------------------------------------
-    def dispatch(self, method: str, path: str, body: dict) -> tuple[int, dict]:
+    def dispatch(self, method: str, path: str, body: dict, authorization: str = "") -> tuple[int, dict]:
         url = urlparse(path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.requests.append((method, url.path))
@@ -227,14 +240,15 @@ class FakeCompute:
         try:
             with self.lock:
                 if parts[:1] == ["v1"]:
+                    if self.access.caller(authorization) is not None:
+                        raise AuthError(403, "PERMISSION_DENIED", "forbidden", "Permission denied (the fake's IAM "
+                                        "API answers the project's owner only)")
                     return 200, self.iam.route(method, parts[1:], query, body)
-                return 200, self._route(method, parts, query, body)
-        except ApiError as exc:
-            return exc.code, exc.body()
-        except IamError as exc:
+                return 200, self._route(method, parts, query, body, authorization)
+        except (ApiError, IamError, AuthError) as exc:
             return exc.code, exc.body()
 
-    def _route(self, method: str, parts: list[str], query: dict, body: dict) -> dict:
+    def _route(self, method: str, parts: list[str], query: dict, body: dict, authorization: str = "") -> dict:
         if parts[:3] == ["compute", "v1", "projects"] and len(parts) == 4 and method == "GET":
             return self._project(parts[3])
         if parts[:3] == ["compute", "v1", "projects"] and len(parts) == 6 and parts[4] == "regions" and method == "GET":
@@ -255,6 +269,8 @@ class FakeCompute:
         else:
             raise ApiError(404, "notFound", f"Unknown scope {rest[0]}")
         collection, rest = rest[0], rest[1:]
+        if authorization:
+            self._authorize(authorization, method, project, scope, collection, rest)
         if collection == "operations":
             return self._operation(project, scope, rest)
         if collection not in SCOPED:
@@ -268,11 +284,32 @@ class FakeCompute:
         resource = self._find(collection, project, scope, rest[0])
         if len(rest) == 1 and method == "GET":
             return resource
+        if collection == "instances" and rest[1:] == ["getIamPolicy"] and method == "GET":
+            return self.access.policy(resource["id"])
+        if collection == "instances" and rest[1:] == ["setIamPolicy"] and method == "POST":
+            return self.access.set_policy(resource["id"], body, lambda email: any(
+                email in accounts for accounts in self.iam.accounts.values()))
         if len(rest) == 1 and method == "DELETE":
             return self._delete(collection, project, scope, resource)
         if len(rest) == 2 and method == "POST":
             return self._action(collection, project, scope, resource, rest[1], body)
         raise ApiError(400, "badRequest", f"Unsupported {method} on {collection}")
+
+    def _authorize(self, authorization: str, method: str, project: str, scope: str, collection: str,
+                   rest: list[str]) -> None:
+        """A service account's call (a bearer token) needs the method's permission (tests/fakes/gce_auth.py)."""
+        if collection == "operations":
+            kind = {"zones": "zoneOperations", "regions": "regionOperations"}.get(scope.split("/")[0],
+                                                                                  "globalOperations")
+            permission, path, instance_id = f"compute.{kind}.get", f"projects/{project}/{scope}/operations", None
+        else:
+            verb = rest[1] if len(rest) == 2 else {("GET", 0): "list", ("POST", 0): "create", ("GET", 1): "get",
+                                                   ("DELETE", 1): "delete"}.get((method, len(rest)), method.lower())
+            permission = f"compute.{collection}.{verb}"
+            path = f"projects/{project}/{scope}/{collection}" + (f"/{rest[0]}" if rest else "")
+            found = self.store[collection].get((project, scope), {}).get(rest[0]) if rest else None
+            instance_id = found["id"] if found and collection == "instances" else None
+        self.access.authorize(authorization, permission, project, path, instance_id)
 
     # -- offerings, regions and quotas --------------------------------------------------------
     def _offered_items(self, project: str, zone: str, collection: str) -> list[dict]:
@@ -438,6 +475,12 @@ class FakeCompute:
                                              labelFingerprint=f"fp{next(self._ids)}")
         elif collection == "instances" and verb in ("stop", "start"):
             commit = lambda: resource.update(status="TERMINATED" if verb == "stop" else "RUNNING")
+        elif collection == "instances" and verb == "setServiceAccount":
+            if resource.get("status") != "TERMINATED":  # the API changes a VM's account and scopes only when stopped
+                raise ApiError(400, "resourceNotReady", f"The resource '{resource['selfLink']}' is not ready: the "
+                                                        "instance must be stopped to change its service account")
+            commit = lambda: resource.update(serviceAccounts=[{"email": body.get("email", ""),
+                                                               "scopes": list(body.get("scopes", []))}])
         else:
             raise ApiError(400, "badRequest", f"Unsupported action {collection}.{verb}")
         return self._operate(project, scope, verb, resource, commit)
@@ -569,6 +612,7 @@ class FakeCompute:
         self.store[collection].get((project, scope), {}).pop(resource["name"], None)
         if collection != "instances":
             return
+        self.access.forget(resource["id"])  # an instance's IAM policy is the instance's
         for disk in resource.get("disks", []):
             source = self.store["disks"].get((project, scope), {}).get(last(disk.get("source", "")))
             if source is None:

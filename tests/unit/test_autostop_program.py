@@ -71,3 +71,33 @@ def test_gcp_nodes_stop_on_a_guest_shutdown_and_restart_after_maintenance():
     (instance,) = run.of_type("compute/instance:Instance")
     assert instance.inputs["scheduling"].get("instanceTerminationAction", "STOP") == "STOP"
     assert instance.inputs["allowStoppingForUpdate"] is True
+
+
+def test_gcp_autodown_lets_each_node_delete_its_cluster_s_vms_and_nothing_else():
+    """The grant is one instance IAM member per node (no project-wide role, no custom role), for the cluster's own
+    service account, with a role that holds compute.instances.delete; the VMs get the Compute scope the call needs."""
+    from infra.gcp import COMPUTE_SCOPE, NODE_SCOPES, SELF_DELETE_ROLE
+
+    run = run_program(gcp_config(nodes="2", autodown="true"))
+    (account,) = run.of_type("serviceaccount/account:Account")
+    grants = run.of_type("compute/instanceIAMMember:InstanceIAMMember")
+    nodes = {i.inputs["name"]: i for i in run.of_type("compute/instance:Instance")}
+    assert sorted(g.inputs["instanceName"] for g in grants) == sorted(nodes)
+    assert {(g.inputs["role"], g.inputs["member"], g.inputs["zone"]) for g in grants} == {
+        (SELF_DELETE_ROLE, f"serviceAccount:{account.outputs['email']}", "us-central1-c")}
+    assert {tuple(i.inputs["serviceAccount"]["scopes"]) for i in nodes.values()} == {(*NODE_SCOPES, COMPUTE_SCOPE)}
+    assert all(i.inputs["bootDisk"]["autoDelete"] is True for i in nodes.values())  # the disk goes with the VM
+    iam = [r.typ for r in run.resources if "IAM" in r.typ or "Role" in r.typ]  # project members, custom roles
+    assert sorted(iam) == sorted(["gcp:storage/bucketIAMMember:BucketIAMMember",
+                                  *["gcp:compute/instanceIAMMember:InstanceIAMMember"] * 2]), iam
+
+
+@pytest.mark.parametrize("overrides", [{}, {"autodown": "false"}, {"autodown": "true", "autostop": "off"}])
+def test_gcp_without_autodown_the_nodes_get_no_new_right(overrides):
+    """What existing users' stacks hold is unchanged: no instance grant, the scopes as before."""
+    from infra.gcp import NODE_SCOPES
+
+    run = run_program(gcp_config(nodes="2", **overrides))
+    assert run.of_type("compute/instanceIAMMember:InstanceIAMMember") == []
+    assert {tuple(i.inputs["serviceAccount"]["scopes"]) for i in run.of_type("compute/instance:Instance")} == {
+        tuple(NODE_SCOPES)}
