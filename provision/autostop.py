@@ -24,14 +24,10 @@ def with_autostop(cluster: ClusterInfo, seconds: int, autodown: bool) -> Cluster
 def start_local(home: Path, cluster: ClusterInfo, autostop: int | None, autodown: bool) -> ClusterInfo:
     """`up` of a local cluster that exists: its stopped nodes boot again (sshd, then what they enabled: the watcher),
     their disks (node folders) and the storage as they were; a given --autostop is recorded (`setup` installs it)."""
-    from infra.local import restart_node
-    from infra.power import power_states
     from provision.cloud_clusters import console
 
     out = console()
-    stopped = [name for name, state in power_states(cluster).items() if state == "stopped"]
-    for name in stopped:
-        restart_node(cluster, cluster.node(name).rank)
+    stopped = wake_local(cluster)
     out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}" if stopped else
               f"cluster {cluster.name} is up")
     if autostop is not None:
@@ -43,6 +39,27 @@ def start_local(home: Path, cluster: ClusterInfo, autostop: int | None, autodown
         out.print(f"cluster {cluster.name}: {describe(autostop, autodown)}"
                   + ("; `fab setup` applies it to the nodes" if autostop else ""))
     return cluster
+
+
+def wake_local(cluster: ClusterInfo) -> list[str]:
+    """Boot the stopped nodes of a local cluster again (sshd, then what they enabled); the names of those started."""
+    from infra.local import restart_node
+    from infra.power import power_states
+
+    stopped = [name for name, state in power_states(cluster).items() if state == "stopped"]
+    for name in stopped:
+        restart_node(cluster, cluster.node(name).rank)
+    return stopped
+
+
+def start_for_work(cluster: ClusterInfo, out: Any) -> None:
+    """Before `setup`, `train` or `launch` on a local cluster: nodes that autostop stopped are started, as `up` does
+    (without this, setup waited 5 minutes for a node that never comes back by itself, and train failed on it)."""
+    if cluster.cloud != "local":
+        return
+    stopped = wake_local(cluster)
+    if stopped:
+        out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}")
 
 
 def remove_watchers(cluster: ClusterInfo) -> None:

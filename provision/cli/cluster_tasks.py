@@ -166,6 +166,10 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
         resolve_pip_index(pip_index, str(chosen.extra.get("pip_index") or ""))  # a bad value stops here, before SSH
         frameworks = remember_frameworks(inventory.cluster_dir(home, chosen.name), ["tensorflow"] if tensorflow else [],
                                          save=not dry_run)
+        if not dry_run:
+            from provision.autostop import start_for_work
+
+            start_for_work(chosen, cli.console())
         started = time.monotonic()
         with report.SetupProgress(chosen) as progress:
             reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event, pip_index=pip_index,

@@ -60,6 +60,9 @@ def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=Fa
                         nproc_per_node=nproc_per_node, run_id=run_id, storage_url=chosen.storage_url,
                         start_timeout=float(start_timeout), env=envs)
             spec.resume = resume
+        from provision.autostop import start_for_work
+
+        start_for_work(chosen, cli.console())
         used = start_run(chosen, spec, home)
         verb = "resumed" if resume else "started"
         cli.console().print(f"{verb} run [bold]{spec.run_id}[/] on {len(used)} node(s): "
