@@ -92,6 +92,9 @@ def run_script(cluster, home, tmp_path, run_id, command, recover):
 def test_a_script_that_raises_is_not_retried(cluster, home, tmp_path):
     status, record, lines = run_script(cluster, home, tmp_path, "raises", RAISES, recover=3)
     assert status.state == "failed" and status.culprit.node == "node-1" and "lr must be > 0" in status.culprit.reason
+    # the healthy node was stopped for node-1's failure: it said "cancelled by the user" when the controller stopped it
+    healthy = next(n for n in status.nodes if n.node == "node-0")
+    assert healthy.state == "stopped" and healthy.reason.startswith("stopped because node-1 failed: "), healthy
     assert record["attempt"] == 1 and record["recoveries"] == []
     assert any("not recovered" in line for line in lines)
 
