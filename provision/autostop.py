@@ -37,7 +37,7 @@ def start_local(home: Path, cluster: ClusterInfo, autostop: int | None, autodown
         if not autostop and was_on:
             remove_watchers(cluster)  # `setup` skips autostop on a local cluster where it is off
         out.print(f"cluster {cluster.name}: {describe(autostop, autodown)}"
-                  + ("; `fab setup` applies it to the nodes" if autostop else ""))
+                  + ("; `gpuforge setup` applies it to the nodes" if autostop else ""))
     return cluster
 
 
@@ -112,7 +112,7 @@ def describe_nodes(cluster: ClusterInfo) -> list[str]:
             lines.append(f"{node.name}: running (its autostop state is unreadable: {timer})")
         elif not timer:
             lines.append(f"{node.name}: running, no autostop watcher"
-                         + (" yet (`fab setup` installs it)" if seconds else ""))
+                         + (" yet (`gpuforge setup` installs it)" if seconds else ""))
         elif timer.get("busy"):
             lines.append(f"{node.name}: busy ({', '.join(timer['busy'])}); stops {format_duration(timer['idle_s'])} "
                          "after the work ends")

@@ -134,7 +134,7 @@ def status(c, run=None, cluster=None):
             return
         report.print_autostop(chosen)
         if run is None and not list_runs(home, chosen):
-            cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `fab train --job NAME`")
+            cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `gpuforge train --job NAME`")
             return
         status = run_status(chosen, home, run)
         if run is None:
