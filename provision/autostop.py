@@ -53,13 +53,25 @@ def wake_local(cluster: ClusterInfo) -> list[str]:
 
 
 def start_for_work(cluster: ClusterInfo, out: Any) -> None:
-    """Before `setup`, `train` or `launch` on a local cluster: nodes that autostop stopped are started, as `up` does
-    (without this, setup waited 5 minutes for a node that never comes back by itself, and train failed on it)."""
-    if cluster.cloud != "local":
+    """Before `setup`, `train` or `launch`: a local cluster's nodes that autostop stopped are started, as `up` does;
+    on a cloud with autostop on, stopped nodes are named with the `up` that starts them (without this, setup waited
+    5 minutes for nodes that never come back by themselves, and train failed on them as unreachable)."""
+    if cluster.cloud == "local":
+        stopped = wake_local(cluster)
+        if stopped:
+            out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}")
         return
-    stopped = wake_local(cluster)
+    if cluster.cloud not in ("aws", "gcp") or not cluster.extra.get("autostop_s"):
+        return
+    from infra.power import power_states
+    from provision.cloud_clusters import cloud_call
+    from provision.errors import InventoryError
+
+    stopped = [name for name, state in cloud_call("asking the nodes' state", lambda: power_states(cluster)).items()
+               if state == "stopped"]
     if stopped:
-        out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}")
+        raise InventoryError(f"{', '.join(stopped)} of cluster {cluster.name} stopped (autostop); "
+                             f"`gpuforge up --cloud {cluster.cloud} --name {cluster.name}` starts them")
 
 
 def remove_watchers(cluster: ClusterInfo) -> None:
