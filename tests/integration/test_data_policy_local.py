@@ -33,7 +33,7 @@ def test_local_down_keeps_the_storage_folder_and_delete_data_removes_it(home, ca
     (storage / "runs" / "r1").mkdir(parents=True)
     (storage / "runs" / "r1" / "model.pth").write_bytes(b"w" * 1500)
 
-    down = gpuforge(capsys, "down", "--cluster", "lab")
+    down = gpuforge(capsys, "down", "--name", "lab")  # as `up --name` took it (it said "No idea what '--name' is!")
 
     assert down.code == 0, down.text
     assert (storage / "runs" / "r1" / "model.pth").read_bytes() == b"w" * 1500
