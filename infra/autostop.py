@@ -27,7 +27,7 @@ import re
 DEFAULT_S = 3600  # one hour idle: long enough for a coffee between runs, short of a night's bill
 MAX_S = 30 * 86400  # a guard against typos (`--autostop 9000h`)
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-OFF = ("off", "none", "never", "0")
+OFF = ("off", "none", "never")  # not "0": it reads as "stop at once" as well as "never"
 DURATION = re.compile(r"^(\d+)([smhd]?)$")
 FORMS = "minutes (90), a number with a unit (90s, 30m, 2h, 1d) or off"
 
@@ -46,6 +46,8 @@ def parse_autostop(value: str | int) -> int:
         if not match:
             raise ValueError(f"--autostop {value!r} is not a duration; give {FORMS}")
         seconds = int(match.group(1)) * UNITS[match.group(2) or "m"]
+        if seconds == 0:  # "stop at once" or "never"? Both are read into it; say which forms mean what
+            raise ValueError(f"--autostop {value!r} is not a duration above zero; give {FORMS} (off turns it off)")
     if not 0 <= seconds <= MAX_S:
         raise ValueError(f"--autostop {value!r} is out of range: at most {MAX_S // 86400} days; give {FORMS}")
     return seconds

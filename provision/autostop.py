@@ -24,14 +24,10 @@ def with_autostop(cluster: ClusterInfo, seconds: int, autodown: bool) -> Cluster
 def start_local(home: Path, cluster: ClusterInfo, autostop: int | None, autodown: bool) -> ClusterInfo:
     """`up` of a local cluster that exists: its stopped nodes boot again (sshd, then what they enabled: the watcher),
     their disks (node folders) and the storage as they were; a given --autostop is recorded (`setup` installs it)."""
-    from infra.local import restart_node
-    from infra.power import power_states
     from provision.cloud_clusters import console
 
     out = console()
-    stopped = [name for name, state in power_states(cluster).items() if state == "stopped"]
-    for name in stopped:
-        restart_node(cluster, cluster.node(name).rank)
+    stopped = wake_local(cluster)
     out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}" if stopped else
               f"cluster {cluster.name} is up")
     if autostop is not None:
@@ -41,8 +37,41 @@ def start_local(home: Path, cluster: ClusterInfo, autostop: int | None, autodown
         if not autostop and was_on:
             remove_watchers(cluster)  # `setup` skips autostop on a local cluster where it is off
         out.print(f"cluster {cluster.name}: {describe(autostop, autodown)}"
-                  + ("; `fab setup` applies it to the nodes" if autostop else ""))
+                  + ("; `gpuforge setup` applies it to the nodes" if autostop else ""))
     return cluster
+
+
+def wake_local(cluster: ClusterInfo) -> list[str]:
+    """Boot the stopped nodes of a local cluster again (sshd, then what they enabled); the names of those started."""
+    from infra.local import restart_node
+    from infra.power import power_states
+
+    stopped = [name for name, state in power_states(cluster).items() if state == "stopped"]
+    for name in stopped:
+        restart_node(cluster, cluster.node(name).rank)
+    return stopped
+
+
+def start_for_work(cluster: ClusterInfo, out: Any) -> None:
+    """Before `setup`, `train` or `launch`: a local cluster's nodes that autostop stopped are started, as `up` does;
+    on a cloud with autostop on, stopped nodes are named with the `up` that starts them (without this, setup waited
+    5 minutes for nodes that never come back by themselves, and train failed on them as unreachable)."""
+    if cluster.cloud == "local":
+        stopped = wake_local(cluster)
+        if stopped:
+            out.print(f"started {len(stopped)} stopped node(s) of {cluster.name}: {', '.join(stopped)}")
+        return
+    if cluster.cloud not in ("aws", "gcp") or not cluster.extra.get("autostop_s"):
+        return
+    from infra.power import power_states
+    from provision.cloud_clusters import cloud_call
+    from provision.errors import InventoryError
+
+    stopped = [name for name, state in cloud_call("asking the nodes' state", lambda: power_states(cluster)).items()
+               if state == "stopped"]
+    if stopped:
+        raise InventoryError(f"{', '.join(stopped)} of cluster {cluster.name} stopped (autostop); "
+                             f"`gpuforge up --cloud {cluster.cloud} --name {cluster.name}` starts them")
 
 
 def remove_watchers(cluster: ClusterInfo) -> None:
@@ -95,7 +124,7 @@ def describe_nodes(cluster: ClusterInfo) -> list[str]:
             lines.append(f"{node.name}: running (its autostop state is unreadable: {timer})")
         elif not timer:
             lines.append(f"{node.name}: running, no autostop watcher"
-                         + (" yet (`fab setup` installs it)" if seconds else ""))
+                         + (" yet (`gpuforge setup` installs it)" if seconds else ""))
         elif timer.get("busy"):
             lines.append(f"{node.name}: busy ({', '.join(timer['busy'])}); stops {format_duration(timer['idle_s'])} "
                          "after the work ends")

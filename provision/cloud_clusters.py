@@ -384,4 +384,4 @@ def finish_data(home: Path, name: str, kept: list[registry.KeptData], delete_dat
         registry.keep_data(home, name, kept)
     if every:
         out.print(f"[bold]kept the data[/]: {data.summary(every)}; "
-                  f"`fab down --delete-data --cluster {name}` deletes it")
+                  f"`gpuforge down --delete-data --cluster {name}` deletes it")

@@ -99,7 +99,7 @@ def destroy(home: Path, ref: str | None, delete_data: bool = False, yes: bool = 
         kept = registry.kept_data(home, name)
         if not delete_data:
             out.print(f"cluster {name} is down; its data is kept: {data.summary(kept)}; "
-                      f"`fab down --delete-data --cluster {name}` deletes it")
+                      f"`gpuforge down --delete-data --cluster {name}` deletes it")
             return
         finish_data(home, name, [], True, yes, out)
         tidy(home, name)

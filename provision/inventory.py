@@ -97,8 +97,8 @@ def resolve(home: Path, ref: str | None = None) -> ClusterInfo:
         raise InventoryError(f"cluster {ref} is {state.get('state')} ({why}); `fab up` again, or "
                              f"`fab down --cluster {ref}` removes what it made")
     if (cluster_dir(home, ref) / "kept-data.json").exists():
-        raise InventoryError(f"cluster {ref} is down; only its data is kept (`fab down --delete-data --cluster {ref}` "
-                             "deletes it)")
+        raise InventoryError(f"cluster {ref} is down; only its data is kept "
+                             f"(`gpuforge down --delete-data --cluster {ref}` deletes it)")
     known = ", ".join(known_clusters(home)) or "none yet"
     raise InventoryError(f"unknown cluster {ref!r}; known clusters: {known} (or give a hosts .yaml, a stack output .json, or pulumi:STACK)")
 

@@ -115,7 +115,7 @@ def latest_checkpoint(storage_url: str, run_id: str) -> int | None:
 def stop_what_is_left(cluster: ClusterInfo, home: Path, run_id: str) -> None:
     """Nothing of the ended attempt may keep running on the nodes that still answer."""
     record = load_record(home, cluster, run_id)
-    stop_run(cluster, record_nodes(cluster, record), run_id)
+    stop_run(cluster, record_nodes(cluster, record), run_id, why="the run is being recovered")
 
 
 def recover_once(cluster: ClusterInfo, home: Path, run_id: str, status: RunStatus, loss: Loss,

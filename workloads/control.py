@@ -12,6 +12,7 @@ from typing import Any, Callable
 from infra.cluster import ClusterInfo, NodeInfo
 from workloads.remote import Connections, on_nodes
 from workloads.runs import TERMINAL, LaunchError, NodeStatus, RunStatus, find_record, load_record, record_nodes, runs_dir
+from workloads.supervise import STOP_REASON
 
 FETCH_SKIP = re.compile(r"^(step-\d+|nodes)/")  # checkpoints stay in storage unless asked for
 # Written into each fetched run's folder: results, not code, so git and the next launch's shipping (which honours
@@ -28,7 +29,7 @@ BUSY_PROBE = (
     '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && basename "$(dirname "$f")";; esac; done; true'
 )
 CANCEL_SCRIPT = (
-    "d={d}; [ -f $d/status.json ] || exit 0; "
+    "d={d}; [ -f $d/status.json ] || exit 0; {why}"
     "sup=$(sed -n 's/.*\"supervisor_pid\": *\\([0-9]*\\).*/\\1/p' $d/status.json); "
     "pg=$(sed -n 's/.*\"pgid\": *\\([0-9]*\\).*/\\1/p' $d/status.json); "
     "[ -n \"$sup\" ] && kill -TERM $sup 2>/dev/null; "
@@ -69,7 +70,9 @@ def run_status(cluster: ClusterInfo, home: Path, run_id: str | None = None, enfo
                 for n, r in zip(nodes, results)]
     status = RunStatus(run_id, statuses)
     if enforce and status.state == "failed" and any(n.state == "running" for n in statuses):
-        stop_run(cluster, nodes, run_id, pool)
+        culprit = status.culprit
+        stop_run(cluster, nodes, run_id, pool, why=f"{culprit.node} {culprit.state}: {culprit.reason}" if culprit
+                 else "the run failed")
         return run_status(cluster, home, run_id, enforce=False, pool=pool)
     return status
 
@@ -86,10 +89,16 @@ def busy_runs(cluster: ClusterInfo, nodes: list[NodeInfo] | None = None, pool: C
     return busy
 
 
-def stop_run(cluster: ClusterInfo, nodes: list[NodeInfo], run_id: str, pool: Connections | None = None) -> list[Any]:
-    """Stop the run's process groups on `nodes` (the supervisor forwards SIGTERM, then SIGKILL)."""
-    return on_nodes(cluster, nodes, lambda c, n: c.run(CANCEL_SCRIPT.format(d=shlex.quote(run_dir(n, run_id))),
-                                                         hide=True, warn=True), pool)
+def stop_run(cluster: ClusterInfo, nodes: list[NodeInfo], run_id: str, pool: Connections | None = None,
+             why: str = "") -> list[Any]:
+    """Stop the run's process groups on `nodes` (the supervisor forwards SIGTERM, then SIGKILL). `why` is what their
+    status says ("stopped because ..."); without it they were "cancelled by the user"."""
+    def script(node: NodeInfo) -> str:
+        d = shlex.quote(run_dir(node, run_id))
+        note = f"printf '%s' {shlex.quote(why)} > $d/{STOP_REASON}; " if why else ""
+        return CANCEL_SCRIPT.format(d=d, why=note)
+
+    return on_nodes(cluster, nodes, lambda c, n: c.run(script(n), hide=True, warn=True), pool)
 
 
 def cancel_run(cluster: ClusterInfo, home: Path, run_id: str | None = None) -> list[str]:

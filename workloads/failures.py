@@ -25,6 +25,9 @@ RANK = re.compile(r"(-?\d+)(?:\s*\(local_rank:\s*(\d+)\))?")
 # Tracebacks printed by the launchers around the user's code, not the user's own error.
 LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError", "torch.distributed.elastic", "SignalException")
 MAX_ERROR_CHARS = 300
+# What prefixes a worker's lines: torchrun --tee's `[default0]:`, and the `[rank1]: ` torch's distributed workers
+# print before their uncaught exception's traceback.
+WORKER_PREFIX = re.compile(r"^\[(?:default|rank)?\d+\]: ?")
 # A node that failed only because a peer went away gives the other nodes this long to fail on their own, so the
 # rank that broke is named with its own exit code and error (a rank whose exception takes seconds to end its
 # process would otherwise be stopped first, and its victim reported). After it, the others are stopped.
@@ -93,13 +96,13 @@ def error_file_message(path: str) -> str:
 
 def last_traceback_error(log: str) -> str:
     """The exception line of the last traceback that is the user's, not a launcher's."""
-    lines = log.splitlines()
+    lines = [WORKER_PREFIX.sub("", line) for line in log.splitlines()]
     found = ""
     for i, line in enumerate(lines):
-        if not line.lstrip("[]0-9:default ").startswith("Traceback (most recent call last):"):
+        if not line.lstrip().startswith("Traceback (most recent call last):"):
             continue
         for follow in lines[i + 1 : i + 400]:
-            text = re.sub(r"^\[(default)?\d+\]:", "", follow)  # torchrun --tee prefixes
+            text = follow
             if text and not text.startswith((" ", "\t")) and not text.startswith("Traceback"):
                 if not any(marker in text for marker in LAUNCHER_ERRORS) and not text.startswith(("During handling", "The above")):
                     found = one_line(text)

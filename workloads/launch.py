@@ -313,7 +313,7 @@ def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str
         results = on_nodes(cluster, nodes, lambda conn, node: start_node(conn, node, cluster, spec, nodes, port, attempt,
                                                                        worker_ports, bundle, secrets, alive_port), pool)
         if any(isinstance(r, Exception) for r in results):
-            stop_run(cluster, nodes, spec.run_id, pool)  # never leave half a run behind
+            stop_run(cluster, nodes, spec.run_id, pool, why="the run did not start on every node")  # never half a run
             raise_first(results, nodes, "starting the run")
     if alive_port:  # the nodes outside the run stay up while it is active (workloads/cluster_marks.py)
         write_marks(cluster, nodes, spec.run_id, nodes[0].private_address, alive_port)

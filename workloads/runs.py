@@ -105,7 +105,7 @@ def load_record(home: Path, cluster: ClusterInfo, run_id: str | None) -> dict[st
     records = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.exists() else []
     if run_id is None:
         if not records:
-            raise LaunchError(f"no runs on cluster {cluster.name} yet; start one with `fab train --job NAME`")
+            raise LaunchError(f"no runs on cluster {cluster.name} yet; start one with `gpuforge train --job NAME`")
         return json.loads(records[-1].read_text())
     path = folder / f"{run_id}.json"
     if not path.exists():

@@ -35,6 +35,7 @@ PEER_SILENCE_S = 120.0  # a running peer silent this long is presumed dead (mach
 KILL_GRACE_S = 10.0  # SIGTERM to SIGKILL for the run's process group
 TAIL_LINES = 20
 TERMINAL = ("succeeded", "failed", "cancelled", "stopped", "preempted")
+STOP_REASON = "stop_reason"  # in the run dir: why the controller stopped the node (absent: the user cancelled it)
 FAILURE_LOG_BYTES = 65536  # how much of the log's end is read to explain a failure
 
 
@@ -258,7 +259,14 @@ class Supervisor:
                 return f"{peer.get('node')} went silent {now - peer['updated']:.0f} s ago (machine down?)"
         return None
 
+    def stop_reason(self) -> str:
+        try:
+            return (Path(self.dir) / STOP_REASON).read_text().strip()
+        except OSError:
+            return ""
+
     def run(self) -> int:
+        (Path(self.dir) / STOP_REASON).unlink(missing_ok=True)  # an earlier attempt's
         self.save()
         self.listen_alive()
         self.start()
@@ -267,7 +275,11 @@ class Supervisor:
         while True:
             code = self.proc.poll()
             if self.cancel_requested:
-                self.finish("cancelled", "cancelled by the user", code)
+                why = self.stop_reason()
+                if why:  # the controller stopped it (fail-fast, recovery), not the user
+                    self.finish("stopped", f"stopped because {why}", code)
+                else:
+                    self.finish("cancelled", "cancelled by the user", code)
                 return 1
             if code is not None:
                 if code == 0:

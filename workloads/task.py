@@ -31,6 +31,7 @@ from workloads.errors import ConfigError
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
 CLOUDS = ("local", "aws", "gcp")
+MAX_RECOVERY = 100  # as --recover's ceiling (provision/recovery.py MAX_RECOVER)
 DEFAULT_OUTPUTS_EVERY_S = 300.0  # "every few minutes": a lost node costs at most this much of its outputs
 
 
@@ -119,8 +120,16 @@ class Task(Strict):
     outputs: Outputs | None = None
     start_timeout: float = Field(default=0.0, ge=0)
     """Seconds until the run's first step before it is failed (0: no limit; our jobs report steps)."""
-    recovery: int = Field(default=0, ge=0, le=100)
+    recovery: int = 0
     """After a lost node (preempted, terminated, unreachable): bring it back, set up, resume; at most this many times."""
+
+    @field_validator("recovery", mode="before")
+    @classmethod
+    def _check_recovery(cls, v: Any) -> int:
+        # before pydantic's lax int: `recovery: true` would otherwise launch with one recovery
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RECOVERY:
+            raise ValueError(f"give a whole number of recoveries from 0 to {MAX_RECOVERY} (0: off); got {v!r}")
+        return v
 
     @field_validator("name")
     @classmethod

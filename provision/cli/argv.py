@@ -102,6 +102,11 @@ def adopt_run_word(unparsed: list[str], names: set[str] = TASK_NAMES, flag: str 
             return
 
 
+# Number flags whose valid values are a range, said when a word is given (as their own checks say it for a number);
+# 100 is provision/recovery.py MAX_RECOVER.
+NUMBER_RANGES = {"recover": " of recoveries from 0 to 100"}
+
+
 def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None:
     """A whole-number or number flag given a word is refused here, in one line, before Invoke converts it."""
     for start, end in segments(unparsed, names):
@@ -110,10 +115,13 @@ def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None
         helps = dict(task.help)  # Invoke's get_arguments() pops the help texts that `TASK --help` prints later
         arguments = task.get_arguments()
         task.help.update(helps)
+        ranges = {}
         for arg in arguments:
             if arg.kind in (int, float):
                 for name in arg.names:
-                    kinds[("--" if len(name) > 1 else "-") + name.replace("_", "-")] = arg.kind
+                    flag = ("--" if len(name) > 1 else "-") + name.replace("_", "-")
+                    kinds[flag] = arg.kind
+                    ranges[flag] = NUMBER_RANGES.get(arg.name, "")
         words = unparsed[start + 1 : end]
         for i, word in enumerate(words):
             flag, eq, value = word.partition("=")
@@ -125,7 +133,7 @@ def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None
                 kinds[flag](value)
             except ValueError:
                 what = "a whole number" if kinds[flag] is int else "a number"
-                raise Exit(f"error: {flag} expects {what}; got {value!r}", code=2) from None
+                raise Exit(f"error: {flag} expects {what}{ranges[flag]}; got {value!r}", code=2) from None
 
 
 def remainder_command() -> str:

@@ -87,18 +87,20 @@ def finish_autodown_of(home: Path, name: str) -> None:
         finish_autodown(home, inventory.resolve(home, name))
 
 
-@task(help={"cluster": CLUSTER_HELP,
+@task(help={"cluster": CLUSTER_HELP, "name": "the cluster's name, as `up --name` takes it (the same as --cluster NAME)",
             "delete_data": "also delete the cluster's data (bucket with every object version, or the local storage "
                            "folder), after a confirmation naming it and its size",
             "yes": "skip the confirmation"})
-def down(c, cluster=None, delete_data=False, yes=False):
+def down(c, cluster=None, name="", delete_data=False, yes=False):
     """Tear the cluster down from any state, ending its notebooks, servers and tunnels; its data (bucket /
     storage folder) is kept and reported unless --delete-data."""
     from provision.clusters import destroy
 
     home = inventory.home_dir()
     with cli.user_errors():
-        destroy(home, cluster, delete_data=delete_data, yes=yes)
+        if name and cluster and name != cluster:
+            raise Exit(f"error: --name {name} and --cluster {cluster} name two clusters; give one", code=2)
+        destroy(home, cluster or name or None, delete_data=delete_data, yes=yes)
 
 
 @task(help={"cloud": "aws or gcp", "region": "region (default us-east-1 / us-central1)",
@@ -166,6 +168,10 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
         resolve_pip_index(pip_index, str(chosen.extra.get("pip_index") or ""))  # a bad value stops here, before SSH
         frameworks = remember_frameworks(inventory.cluster_dir(home, chosen.name), ["tensorflow"] if tensorflow else [],
                                          save=not dry_run)
+        if not dry_run:
+            from provision.autostop import start_for_work
+
+            start_for_work(chosen, cli.console())
         started = time.monotonic()
         with report.SetupProgress(chosen) as progress:
             reports = setup_cluster(chosen, home, dry_run=dry_run, on_event=progress.event, pip_index=pip_index,

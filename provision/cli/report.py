@@ -36,7 +36,7 @@ def print_cluster(cluster: ClusterInfo) -> None:
     from provision.autostop import setting
 
     idle = "" if cluster.cloud == "hosts" else f"{setting(cluster)}; "
-    out.print(f"storage: {cluster.storage_url or '-'}; {idle}selected. Next: `fab setup`")
+    out.print(f"storage: {cluster.storage_url or '-'}; {idle}selected. Next: `gpuforge setup`")
 
 
 def print_clusters(home: Path) -> None:

@@ -60,6 +60,9 @@ def train(c, job="", script="", nodes="", nproc_per_node=0, run_id="", follow=Fa
                         nproc_per_node=nproc_per_node, run_id=run_id, storage_url=chosen.storage_url,
                         start_timeout=float(start_timeout), env=envs)
             spec.resume = resume
+        from provision.autostop import start_for_work
+
+        start_for_work(chosen, cli.console())
         used = start_run(chosen, spec, home)
         verb = "resumed" if resume else "started"
         cli.console().print(f"{verb} run [bold]{spec.run_id}[/] on {len(used)} node(s): "
@@ -131,7 +134,7 @@ def status(c, run=None, cluster=None):
             return
         report.print_autostop(chosen)
         if run is None and not list_runs(home, chosen):
-            cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `fab train --job NAME`")
+            cli.console().print(f"no runs on cluster {chosen.name} yet; start one with `gpuforge train --job NAME`")
             return
         status = run_status(chosen, home, run)
         if run is None:

@@ -135,8 +135,10 @@ def fetch_before_down(home, chosen, run_id: str, dest: Path, out) -> None:
 
 def set_up_cluster(home, chosen, out) -> None:
     from provision.cli.report import SetupProgress
+    from provision.autostop import start_for_work
     from provision.setup import raise_for_failures, setup_cluster
 
+    start_for_work(chosen, out)
     started = time.monotonic()
     with SetupProgress(chosen) as progress:
         reports = setup_cluster(chosen, home, on_event=progress.event)

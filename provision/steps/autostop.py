@@ -146,7 +146,7 @@ class AutostopStep(Step):
         if ctx.cluster.cloud == "hosts":
             return "machines of a hosts file are yours: no autostop"
         if ctx.cluster.cloud == "local" and not idle_seconds(ctx):  # `up --autostop off` removes a local watcher
-            return "autostop is off (`fab up --autostop 30s` turns it on)"
+            return "autostop is off (`gpuforge up --autostop 30s` turns it on)"
         return None
 
     def files(self, ctx: StepContext, layout: Layout) -> dict[str, tuple[bytes, str, str]]:

@@ -125,7 +125,7 @@ class TensorflowStep(Step):
 
     def skip_reason(self, ctx: StepContext) -> str | None:
         if not wants_tensorflow(ctx):
-            return "not asked for (fab setup --tensorflow)"
+            return "not asked for (gpuforge setup --tensorflow)"
         return None
 
     def plan(self, ctx: StepContext) -> list[Cmd]:

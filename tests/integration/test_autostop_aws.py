@@ -69,6 +69,10 @@ def test_idle_nodes_stop_and_up_starts_the_same_instances_with_their_disks(aws, 
     status = gpuforge(capsys, "status")
     assert status.code == 0, status.text
     assert "demo-0: stopped" in status.out and "demo-1: stopped" in status.out
+    # setup (as train and launch) names the stopped nodes and the `up` that starts them: it waited 5 minutes on them
+    setup = gpuforge(capsys, "setup")
+    assert setup.code == 1 and one_line_error(setup) == (
+        "error: demo-0, demo-1 of cluster demo stopped (autostop); `gpuforge up --cloud aws --name demo` starts them")
 
     again = gpuforge(capsys, "up", "--cloud", "aws", "--name", "demo", "--yes")
     assert again.code == 0, again.text

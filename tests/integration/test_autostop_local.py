@@ -4,7 +4,8 @@
 up --autostop 2s -> setup -> a run on node-0 only keeps both nodes up past the timeout (a run of ours is active on the
 cluster) -> it ends while an `ssh` session on node-1 is open -> node-0 stops itself (its sshd ends), node-1 stays up
 until the session ends, then stops -> `clusters`/`status` say stopped -> `up` starts the cluster
-again (the watcher comes back with it) -> `setup` changes nothing -> it stops again when idle.
+again (the watcher comes back with it) -> `setup` changes nothing -> it stops again when idle -> `setup` of the stopped
+cluster starts it first.
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ def test_a_run_and_an_ssh_session_keep_nodes_up_then_idle_nodes_stop_and_up_brin
     assert "nothing changed" in again.stdout and "unchanged autostop" in again.stdout, again.stdout
     wait_for(lambda: power_states(cluster) == {"node-0": "stopped", "node-1": "stopped"}, STOP_WITHIN_S + 5,
              "the restarted nodes to stop again when idle")
+
+    # setup of the stopped cluster (as train and launch) starts it first: it waited 5 minutes on the nodes, then failed
+    woken = gpuforge(home, "setup", timeout=60)
+    assert woken.returncode == 0, woken.stdout + woken.stderr
+    assert "started 2 stopped node(s) of idle: node-0, node-1" in woken.stdout and "nothing changed" in woken.stdout
 
 
 def test_an_autodown_cluster_whose_nodes_went_is_removed_at_the_next_look_and_its_data_kept(home):

@@ -33,13 +33,13 @@ def test_local_down_keeps_the_storage_folder_and_delete_data_removes_it(home, ca
     (storage / "runs" / "r1").mkdir(parents=True)
     (storage / "runs" / "r1" / "model.pth").write_bytes(b"w" * 1500)
 
-    down = gpuforge(capsys, "down", "--cluster", "lab")
+    down = gpuforge(capsys, "down", "--name", "lab")  # as `up --name` took it (it said "No idea what '--name' is!")
 
     assert down.code == 0, down.text
     assert (storage / "runs" / "r1" / "model.pth").read_bytes() == b"w" * 1500
     text = " ".join(down.out.split())
     assert f"kept the data: {storage.resolve().as_uri()} (1 file(s), 1.5 KB)" in text
-    assert "`fab down --delete-data --cluster lab` deletes it" in text
+    assert "`gpuforge down --delete-data --cluster lab` deletes it" in text
     assert not our_processes(state) and not (state / "nodes").exists() and not (state / "cluster.json").exists()
     status = gpuforge(capsys, "status", "--cluster", "lab")
     assert status.code != 0 and "only its data is kept" in status.err

@@ -64,6 +64,11 @@ def test_the_console_command_from_a_wheel_runs_a_task_from_any_folder(tmp_path):
         assert f"  {name}" in listed.stdout, listed.stdout
     up = run("up", "--name", "wheel", "--nodes", "2")
     assert up.returncode == 0, up.stdout + up.stderr
+    # the hints name commands that work here; `fab` needs the repo's fabfile (no collection named 'fabfile')
+    assert "Next: `gpuforge setup`" in up.stdout, up.stdout
+    no_runs = run("status")
+    said = no_runs.stdout + no_runs.stderr
+    assert "start one with `gpuforge train --job NAME`" in said, said
     (project / "hello.py").write_text("import json, os\nos.makedirs('out', exist_ok=True)\n"
                                       "json.dump({'rank': os.environ['NODE_RANK']}, open('out/r.json', 'w'))\n")
     (project / "task.yaml").write_text("name: hello\nnodes: 2\nrun: python hello.py\noutputs: out\n")

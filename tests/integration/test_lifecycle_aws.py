@@ -153,7 +153,7 @@ def test_up_second_up_train_down_keeps_the_data_then_delete_data(aws, capsys, tm
     down = gpuforge(capsys, "down", "--cluster", "demo")
     assert down.code == 0, down.text
     assert f"kept the data: s3://{bucket} ({len(versions)} object version(s)" in " ".join(down.out.split())
-    assert "`fab down --delete-data --cluster demo` deletes it" in down.out
+    assert "`gpuforge down --delete-data --cluster demo` deletes it" in down.out
     assert [lo.kind for lo in ours(session, cluster_id)] == ["bucket"]  # everything else is gone
     assert s3.list_object_versions(Bucket=bucket)["Versions"]
     assert_strangers_untouched(session, strangers)

@@ -18,7 +18,7 @@ def test_autostop_takes_minutes_a_unit_or_off(value, seconds):
     assert parse_autostop(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["ten", "-5", "1.5h", "90x", "", "h", "9000h"])
+@pytest.mark.parametrize("value", ["ten", "-5", "1.5h", "90x", "", "h", "9000h", "0", "0s", "00m"])
 def test_a_bad_autostop_names_the_value_and_the_valid_forms(value):
     with pytest.raises(ValueError) as err:
         parse_autostop(value)

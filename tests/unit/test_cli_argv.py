@@ -94,6 +94,8 @@ def test_a_task_name_given_as_a_flag_value_is_not_a_task(monkeypatch, program):
         (["up", "--disk-gb=abc"], "error: --disk-gb expects a whole number; got 'abc'"),
         (["status", "train", "--nproc-per-node", "x"], "error: --nproc-per-node expects a whole number; got 'x'"),
         (["train", "--start-timeout", "soon"], "error: --start-timeout expects a number; got 'soon'"),
+        (["train", "--recover", "two"], "error: --recover expects a whole number of recoveries from 0 to 100; got 'two'"),
+        (["train", "-o", "two"], "error: -o expects a whole number of recoveries from 0 to 100; got 'two'"),
     ],
 )
 def test_number_flags_given_words_are_one_line(monkeypatch, program, words, message):

@@ -103,6 +103,36 @@ def test_the_users_last_traceback_is_the_error_not_torchruns():
     assert failure.reason == "rank 1 (local rank 0) exited with code 1: ValueError: lr must be > 0, got -1"
 
 
+# What torch 2.13's torchrun logged for a `script:` that raised on rank 1 (a user's first try, 2 Dec 2026): each line of
+# the worker's traceback is prefixed `[rank1]: `, and the reason said only "exited with code 1".
+RANK_PREFIXED = """[rank1]: Traceback (most recent call last):
+[rank1]:   File "/nodes/node-1/runs/r1/code/raise.py", line 5, in <module>
+[rank1]:     raise ValueError("lr must be > 0")
+[rank1]: ValueError: lr must be > 0
+E1202 12:54:35.237000 12155 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 0
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-02_12:54:35
+  host      : localhost
+  rank      : 1 (local_rank: 0)
+  exitcode  : 1 (pid: 12210)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_a_rank_prefixed_traceback_gives_the_users_error():
+    failure = explain_failure(1, RANK_PREFIXED)
+    assert failure.reason == "rank 1 (local rank 0) exited with code 1: ValueError: lr must be > 0"
+    assert not failure.secondary
+
+
 def test_an_error_file_gives_the_error(tmp_path):
     error_file = tmp_path / "error.json"
     error_file.write_text('{"message": {"message": "RuntimeError: CUDA out of memory", "extraInfo": {}}}')

@@ -72,7 +72,11 @@ def test_the_name_defaults_to_the_file_name_and_nodes_to_one(tmp_path):
         ("run: x\noutputs: ../elsewhere\n", ["outputs.path: must be a folder inside the run's working directory"]),
         ("run: x\noutputs: {path: out, every: 0}\n", ["outputs.every: Input should be greater than 0"]),
         ("run: x\nworkdir: nope\n", ["workdir nope"]),
-        ("run: x\nrecovery: -1\n", ["recovery: Input should be greater than or equal to 0; got -1"]),
+        ("run: x\nrecovery: -1\n", ["recovery: give a whole number of recoveries from 0 to 100 (0: off); got -1"]),
+        # a regression: `recovery: true` was read as 1 and launched; `x` and 101 named no valid range
+        ("run: x\nrecovery: true\n", ["recovery: give a whole number of recoveries from 0 to 100 (0: off); got True"]),
+        ("run: x\nrecovery: x\n", ["recovery: give a whole number of recoveries from 0 to 100 (0: off); got 'x'"]),
+        ("run: x\nrecovery: 101\n", ["recovery: give a whole number of recoveries from 0 to 100 (0: off); got 101"]),
         ("script: missing.py\n", ["script missing.py is not a file in the workdir"]),
         ("- run: x\n", ["a task file is a YAML mapping"]),
         ("run: [\n", ["not readable YAML"]),
