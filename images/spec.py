@@ -184,7 +184,8 @@ class BakeSpec:
         if not self.ssh_cidrs and not self.security_group_id:
             raise BakeSpecError(
                 "ssh_cidrs is empty: the controller must reach the builder over SSH, and its public address "
-                "cannot be guessed; give your address as the internet sees it: `fab bake --ssh-cidr 203.0.113.4/32` "
+                "cannot be guessed; give your address as the internet sees it: "
+                "`gpuforge bake --ssh-cidr 203.0.113.4/32` "
                 "(ssh_cidrs=('203.0.113.4/32',) in Python)"
             )
         if any(c in WORLD for c in self.ssh_cidrs):

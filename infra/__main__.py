@@ -56,7 +56,7 @@ def load_spec() -> ClusterSpec:
         read_stack_config(), cloud_default="aws", name=name_from_stack(pulumi.get_stack())
     )
     if spec.cloud == "local":
-        raise SpecError("gpuforge:cloud is 'local': the Pulumi program creates aws or gcp clusters; use `fab up`")
+        raise SpecError("gpuforge:cloud is 'local': the Pulumi program creates aws or gcp clusters; use `gpuforge up`")
     spec.check_deployable()
     return spec
 

@@ -45,7 +45,7 @@ REGION_TAG = "gpuforge:region"  # on IAM resources (IAM is global): which region
 UNPINNED_IMAGE_HINT = (
     "gpuforge:image is not set, so this run picked the newest image; every later `pulumi up` would pick again and "
     "replace the nodes when a newer one is published. Pin it: pulumi config set gpuforge:image {image} "
-    "(`fab up` does this for you)"
+    "(`gpuforge up` does this for you)"
 )
 NONCURRENT_VERSION_DAYS = 30  # checkpoints overwritten more than a month ago are gone
 ABORT_MULTIPART_DAYS = 7  # a crashed upload's parts stop costing money after a week

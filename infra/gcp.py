@@ -43,7 +43,7 @@ SSH_PORT = "22"
 BOOT_DISK_TYPE = "pd-balanced"  # supported by N1, G2, A2 and A3 High/Mega
 UNPINNED_IMAGE_HINT = (
     "gpuforge:image is not set, so this run picked {image}; pin it so later `pulumi up`s keep the nodes on what they "
-    "booted: pulumi config set gpuforge:image {image} (`fab up` does this for you)"
+    "booted: pulumi config set gpuforge:image {image} (`gpuforge up` does this for you)"
 )
 NONCURRENT_VERSION_DAYS = 30  # checkpoints overwritten more than a month ago are gone
 BUCKET_ROLE = "roles/storage.objectAdmin"  # read, write, list and delete objects of this bucket only

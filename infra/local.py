@@ -112,7 +112,7 @@ def create_local_cluster(name: str, nodes: int, home: Path, login_user: str = ""
     sshd = find_sshd()
     state = state_dir_for(home, name)
     if (state / "cluster.json").exists():
-        raise ClusterError(f"cluster {name} already exists at {state}; `fab down --cluster {name}` first")
+        raise ClusterError(f"cluster {name} already exists at {state}; `gpuforge down --cluster {name}` first")
     if login_user:
         from infra.local_vm import check_vm_like
 

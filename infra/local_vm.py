@@ -75,7 +75,7 @@ def check_vm_like(user: str, state: Path) -> None:
     """ClusterError, before anything starts, when VM-like nodes cannot work here."""
     if os.geteuid() != 0:
         raise ClusterError("VM-like local nodes need root (each node runs in its own mount and process namespace); "
-                           "as a normal user use the quick local cluster: `fab up` without --login-user")
+                           "as a normal user use the quick local cluster: `gpuforge up` without --login-user")
     try:
         entry = pwd.getpwnam(user)
     except KeyError:

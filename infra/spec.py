@@ -77,8 +77,8 @@ STACK_KEYS = {
 }
 # Keys an earlier release took, with what replaces them.
 RETIRED_KEYS = {
-    "forceDestroyBucket": "the bucket is kept by every `fab down` / `pulumi destroy` (data policy); "
-                          "`fab down --delete-data` deletes it after a confirmation",
+    "forceDestroyBucket": "the bucket is kept by every `gpuforge down` / `pulumi destroy` (data policy); "
+                          "`gpuforge down --delete-data` deletes it after a confirmation",
 }
 SSH_CIDRS_HINT = (
     "gpuforge:sshCidrs is empty, so the nodes accept no SSH from the internet. Allow your address with: "

@@ -208,7 +208,7 @@ class AutomationEngine:
                                                    opts=opts)
             return auto.select_stack(stack_name=name, project_name=PROJECT_NAME, program=opts.program, opts=opts)
         except auto.StackNotFoundError as exc:
-            raise StackError(f"no stack {name!r} in {backend_url(self.state_dir)}; `fab up` creates it") from exc
+            raise StackError(f"no stack {name!r} in {backend_url(self.state_dir)}; `gpuforge up` creates it") from exc
         except auto.CommandError as exc:
             raise StackError(f"cannot open stack {name!r} in {backend_url(self.state_dir)}: {_tail(exc)}") from exc
 

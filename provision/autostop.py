@@ -169,6 +169,6 @@ def finish_autodown(home: Path, cluster: ClusterInfo) -> bool:
     if not states or any(state not in ("stopped", "gone") for state in states.values()):
         return False
     console().print(f"every node of autodown cluster {cluster.name} has gone: removing the rest of it, as "
-                    "`fab down` does (its data is kept)")
+                    "`gpuforge down` does (its data is kept)")
     destroy(home, cluster.name, delete_data=False, yes=True)
     return True

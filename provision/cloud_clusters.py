@@ -69,7 +69,7 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
     state = inventory.cluster_dir(home, name)
     known = registry.load(home, name)
     if known and known.cloud != cloud:
-        raise ProvisionError(f"cluster {name} is a {known.cloud} cluster; `fab down --cluster {name}` first")
+        raise ProvisionError(f"cluster {name} is a {known.cloud} cluster; `gpuforge down --cluster {name}` first")
     if inventory.known_clusters(home).count(name) and not known and not stack_exists(name, state):
         raise ProvisionError(f"a {cluster_cloud(home, name)} cluster named {name} exists; pick another --name")
     existing = stack_config(name, state) if state.exists() else {}
@@ -78,7 +78,7 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
     engine_for(state).check()  # no pulumi CLI: one line with how to install it, before anything is written
     if existing.get("gpuforge:zone") and given.get("zone") and given["zone"] != existing["gpuforge:zone"]:
         raise ProvisionError(f"cluster {name} runs in {existing['gpuforge:zone']}; another zone would replace every "
-                             "node: `fab down` it and `fab up --zone ...` again")
+                             "node: `gpuforge down` it and `gpuforge up --zone ...` again")
     out = console()
     fresh = known is None and not existing
     cluster_id = spec.cluster_id or (known.cluster_id if known else "") or registry.new_cluster_id()
@@ -96,7 +96,7 @@ def up_cloud(home: Path, cloud: str, name: str, given: dict[str, Any], yes: bool
             raise
         after = registry.READY if registration.state == registry.READY else registry.FAILED
         registry.save(home, registration.with_state(after, error=str(exc)[:500]))
-        hint = f"`fab down --cluster {name}` removes what this `up` created"
+        hint = f"`gpuforge down --cluster {name}` removes what this `up` created"
         if isinstance(exc, KeyboardInterrupt):
             out.print(f"interrupted; {hint}")
             raise
@@ -319,7 +319,8 @@ def down_cloud(home: Path, name: str, cloud: str, region: str, project: str, clu
         from infra.sweep import render_leftovers
 
         out.print(render_leftovers(others, title=f"carrying the name {name} but another cluster id: not touched"))
-        out.print(f"(another controller's cluster {name}? `fab sweep --cloud {cloud} --cluster {name}` lists them)")
+        out.print(f"(another controller's cluster {name}? "
+                  f"`gpuforge sweep --cloud {cloud} --cluster {name}` lists them)")
     kept = [data.kept_from_leftover(lo, project) for lo in held]
     finish_data(home, name, kept, delete_data, yes, out)
     if failures:

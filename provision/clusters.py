@@ -29,7 +29,7 @@ def create_local(home: Path, name: str, nodes: int, login_user: str = "", autost
     if nodes < 1:
         raise InventoryError(f"--nodes must be >= 1; got {nodes}")
     if registry.load(home, name) is not None:
-        raise InventoryError(f"a cloud cluster named {name} is registered; `fab down --cluster {name}` first")
+        raise InventoryError(f"a cloud cluster named {name} is registered; `gpuforge down --cluster {name}` first")
     from infra.ssh_config import write_ssh_config
 
     if (inventory.cluster_dir(home, name) / "cluster.json").exists():

@@ -120,9 +120,9 @@ def choose_foreign_driver(vs: VersionSet, builds: list[str], node: NodeDriver) -
     if node.packaging == "runfile":
         remedy = (f"Remove it with `{UNINSTALL_RUNFILE}`, reboot and run setup again (gpuforge then installs the "
                   f"tested {vs.driver_version} from apt), or start the node from a plain Ubuntu image or a "
-                  "gpuforge baked image (`fab bake`).")
+                  "gpuforge baked image (`gpuforge bake`).")
     else:
-        remedy = ("Remove it, or start the node from a plain Ubuntu image or a gpuforge baked image (`fab bake`); "
+        remedy = ("Remove it, or start the node from a plain Ubuntu image or a gpuforge baked image (`gpuforge bake`); "
                   "gpuforge installs its drivers with apt and will not overwrite one it cannot account for.")
     if not node.gpus_visible:
         raise MatrixError(f"NVIDIA {found} is loaded but nvidia-smi does not list every GPU, and gpuforge cannot "

@@ -93,9 +93,9 @@ def resolve(home: Path, ref: str | None = None) -> ClusterInfo:
     pending = cluster_dir(home, ref) / "registration.json"
     if pending.exists():
         state = json.loads(pending.read_text())
-        why = state.get("error") or "its `fab up` has not finished"
-        raise InventoryError(f"cluster {ref} is {state.get('state')} ({why}); `fab up` again, or "
-                             f"`fab down --cluster {ref}` removes what it made")
+        why = state.get("error") or "its `gpuforge up` has not finished"
+        raise InventoryError(f"cluster {ref} is {state.get('state')} ({why}); `gpuforge up` again, or "
+                             f"`gpuforge down --cluster {ref}` removes what it made")
     if (cluster_dir(home, ref) / "kept-data.json").exists():
         raise InventoryError(f"cluster {ref} is down; only its data is kept "
                              f"(`gpuforge down --delete-data --cluster {ref}` deletes it)")

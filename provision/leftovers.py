@@ -54,7 +54,7 @@ def sweep(home: Path, cloud: str, region: str = "", project: str = "", cluster: 
                   "bake's, or from before this GPUFORGE_HOME)")
     held, rest = split_data(found)
     if not purge_them:
-        out.print(f"`fab sweep --cloud {cloud} ... --purge` deletes them"
+        out.print(f"`gpuforge sweep --cloud {cloud} ... --purge` deletes them"
                   + (f" (buckets holding data only with --delete-data: {data.summary(kept(held, project))})"
                      if held else ""))
         return found

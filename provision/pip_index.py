@@ -67,6 +67,6 @@ def probe_script(url: str) -> str:
             "    pass\n"
             "except Exception as exc:\n"
             f"    sys.exit(f'the package index {{sys.argv[1]}} did not answer within {PROBE_TIMEOUT_S} s from this node "
-            f"({{exc}}); set a mirror with {ENV_VAR}=URL (or fab setup --pip-index URL), or {ENV_VAR}={NODE} to use "
-            "the node\\'s own pip configuration')\n")
+            f"({{exc}}); set a mirror with {ENV_VAR}=URL (or gpuforge setup --pip-index URL), or {ENV_VAR}={NODE} "
+            "to use the node\\'s own pip configuration')\n")
     return f"python3 -c {shlex.quote(code)} {shlex.quote(url)}"

@@ -219,13 +219,13 @@ def node_command(spec: RunSpec, nodes: list[NodeInfo], node: NodeInfo, port: int
 def check_ready(conn: Any, node: NodeInfo) -> None:
     python = f"{venv_of(node)}/bin/python"
     if not conn.run(f"test -x {shlex.quote(python)}", hide=True, warn=True).ok:
-        raise LaunchError(f"node is not set up ({python} is missing); run `fab setup` first")
+        raise LaunchError(f"node is not set up ({python} is missing); run `gpuforge setup` first")
 
 
 def check_tensorflow(conn: Any, node: NodeInfo) -> None:
     probe = f"ls -d {shlex.quote(node.workdir)}/venv/lib/python3*/site-packages/tensorflow >/dev/null 2>&1"
     if not conn.run(probe, hide=True, warn=True).ok:
-        raise LaunchError("the node has no TensorFlow in its environment; run `fab setup --tensorflow` first")
+        raise LaunchError("the node has no TensorFlow in its environment; run `gpuforge setup --tensorflow` first")
 
 
 def pick_port(conn: Any, node: NodeInfo) -> int:
@@ -269,7 +269,7 @@ def check_run_id(home: Path, cluster: ClusterInfo, spec: RunSpec) -> int:
                           "resume it with the same job, script or task")
     state = run_status(cluster, home, spec.run_id, enforce=False).state
     if state == "running":
-        raise ConfigError(f"run {spec.run_id} is still running; `fab cancel {spec.run_id}` first to restart it")
+        raise ConfigError(f"run {spec.run_id} is still running; `gpuforge cancel {spec.run_id}` first to restart it")
     return int(record.get("attempt", 1)) + 1
 
 
@@ -277,8 +277,8 @@ def check_not_busy(cluster: ClusterInfo, nodes: list[NodeInfo], pool: Connection
     busy = busy_runs(cluster, nodes, pool)
     if busy:
         what = "; ".join(f"run {rid} on {', '.join(names)}" for rid, names in sorted(busy.items()))
-        raise ConfigError(f"the nodes are busy: {what} is running; wait for it (`fab logs --follow`), "
-                          "or stop it with `fab cancel`")
+        raise ConfigError(f"the nodes are busy: {what} is running; wait for it (`gpuforge logs --follow`), "
+                          "or stop it with `gpuforge cancel`")
 
 
 def start_run(cluster: ClusterInfo, spec: RunSpec, home: Path, secrets: dict[str, str] | None = None,

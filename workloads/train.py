@@ -132,7 +132,7 @@ def run_tensorflow(args: argparse.Namespace, cfg, runs) -> int:
             import tensorflow  # noqa: F401
         except ImportError:
             raise WorkloadError(f"job {cfg.job} needs TensorFlow, which this environment lacks; "
-                                "`fab setup --tensorflow` installs it on the nodes") from None
+                                "`gpuforge setup --tensorflow` installs it on the nodes") from None
         from workloads.tf_trainer import train_tf
 
         run_id = args.run_id or f"{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -197,7 +197,7 @@ def setup(c, cluster=None, dry_run=False, instance_type="", os="ubuntu-22.04", c
       iterable=["ssh_cidr"])
 def bake(c, cloud, os="ubuntu-22.04", instance_type="", accelerator="", region="", zone="", project="", ssh_cidr=None,
          keep=3, base_image="", subnet_id="", security_group_id="", network="", subnetwork=""):
-    """Bake a machine image with `fab setup` already done (the builder is always removed)."""
+    """Bake a machine image with `gpuforge setup` already done (the builder is always removed)."""
     from images import BakeSpec
     from images import bake as bake_image
 

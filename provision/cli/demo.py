@@ -39,22 +39,22 @@ def main() -> int:
         console.print(f"removing the demo cluster an earlier run left: {destroy_local_cluster(state)}")
     started = time.monotonic()
     try:
-        console.rule("fab up --name demo --nodes 2")
+        console.rule("gpuforge up --name demo --nodes 2")
         cluster = create_local_cluster(CLUSTER, 2, home)
         report.print_cluster(cluster)
-        console.rule("fab setup")
+        console.rule("gpuforge setup")
         with report.SetupProgress(cluster) as progress:
             reports = setup_cluster(cluster, home, on_event=progress.event)
         report.print_setup(cluster, reports, False, time.monotonic() - started)
         raise_for_failures(reports)
-        console.rule(f"fab train --job {JOB} --nodes 2 --follow")
+        console.rule(f"gpuforge train --job {JOB} --nodes 2 --follow")
         spec = RunSpec(job=JOB, nodes=2, storage_url=cluster.storage_url)
         start_run(cluster, spec, home)
         status = follow_run(cluster, home, spec.run_id, out=lambda text: print(text, flush=True))
         report.print_run_end(cluster, status)
         if status.state != "succeeded":
             return 1
-        console.rule("fab fetch")
+        console.rule("gpuforge fetch")
         files = fetch_run(cluster, home, spec.run_id, Path("runs"))
         summary = json.loads(next(f for f in files if f.name == "summary.json").read_text())
         model = next(f for f in files if f.name == "model.pth")
@@ -71,7 +71,7 @@ def main() -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
-        console.rule("fab down")
+        console.rule("gpuforge down")
         console.print(destroy_local_cluster(state))
         console.print("(the demo is self-contained: its results are in ./runs, and its storage folder goes with it; "
                       "`gpuforge down` of your own clusters keeps theirs)")

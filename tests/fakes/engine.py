@@ -329,12 +329,12 @@ class MockEngine:
 
     def config(self, stack: str) -> dict[str, str]:
         if not self.exists(stack):
-            raise StackError(f"no stack {stack!r}; `fab up` creates it")
+            raise StackError(f"no stack {stack!r}; `gpuforge up` creates it")
         return dict(self._load(stack).config)
 
     def outputs(self, stack: str) -> dict[str, Any]:
         if not self.exists(stack):
-            raise StackError(f"no stack {stack!r}; `fab up` creates it")
+            raise StackError(f"no stack {stack!r}; `gpuforge up` creates it")
         return dict(self._load(stack).outputs)
 
     def recorded(self, stack: str) -> list[Recorded]:

@@ -71,7 +71,7 @@ class _OldStack:
         from infra.errors import StackError
 
         if not create and not engine.exists(name):
-            raise StackError(f"no stack {name!r}; `fab up` creates it")
+            raise StackError(f"no stack {name!r}; `gpuforge up` creates it")
         self.engine, self.name = engine, name
         self.wanted: dict[str, str] = engine.config(name) if engine.exists(name) else {}
 

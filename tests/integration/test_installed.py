@@ -13,7 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from infra.local import our_processes
+from infra.local import destroy_local_cluster, our_processes
 from provision.wheel import build_wheel
 
 SKIP = ("__editable__", "gpuforge", "_gpuforge", "__pycache__")
@@ -56,29 +56,33 @@ def test_the_console_command_from_a_wheel_runs_a_task_from_any_folder(tmp_path):
     def run(*args, timeout=300):
         return subprocess.run([gpuforge, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
 
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import provision, workloads; print(provision.__file__)"],
-                           cwd=project, env=env, capture_output=True, text=True)
-    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
-    listed = run("--list")
-    for name in ("up", "setup", "launch", "train", "status", "logs", "cancel", "fetch", "exec", "down", "doctor"):
-        assert f"  {name}" in listed.stdout, listed.stdout
-    up = run("up", "--name", "wheel", "--nodes", "2")
-    assert up.returncode == 0, up.stdout + up.stderr
-    # the hints name commands that work here; `fab` needs the repo's fabfile (no collection named 'fabfile')
-    assert "Next: `gpuforge setup`" in up.stdout, up.stdout
-    no_runs = run("status")
-    said = no_runs.stdout + no_runs.stderr
-    assert "start one with `gpuforge train --job NAME`" in said, said
-    (project / "hello.py").write_text("import json, os\nos.makedirs('out', exist_ok=True)\n"
-                                      "json.dump({'rank': os.environ['NODE_RANK']}, open('out/r.json', 'w'))\n")
-    (project / "task.yaml").write_text("name: hello\nnodes: 2\nrun: python hello.py\noutputs: out\n")
-    launched = run("launch", "task.yaml", "--run-id", "w1", "--down")
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    assert "fetched" in launched.stdout and "tearing down cluster wheel" in launched.stdout
-    assert json.loads((project / "runs" / "w1" / "outputs" / "r.json").read_text()) == {"rank": "0"}
-    assert json.loads((project / "runs" / "w1" / "outputs" / "node-1" / "r.json").read_text()) == {"rank": "1"}
     state = tmp_path / "home" / "clusters" / "wheel"
-    assert not our_processes(state) and not (state / "cluster.json").exists()
+    try:
+        where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import provision, workloads; print(provision.__file__)"],
+                               cwd=project, env=env, capture_output=True, text=True)
+        assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
+        listed = run("--list")
+        for name in ("up", "setup", "launch", "train", "status", "logs", "cancel", "fetch", "exec", "down", "doctor"):
+            assert f"  {name}" in listed.stdout, listed.stdout
+        up = run("up", "--name", "wheel", "--nodes", "2")
+        assert up.returncode == 0, up.stdout + up.stderr
+        # the hints name commands that work here; `fab` needs the repo's fabfile (no collection named 'fabfile')
+        assert "Next: `gpuforge setup`" in up.stdout, up.stdout
+        no_runs = run("status")
+        said = no_runs.stdout + no_runs.stderr
+        assert "start one with `gpuforge train --job NAME`" in said, said
+        (project / "hello.py").write_text("import json, os\nos.makedirs('out', exist_ok=True)\n"
+                                          "json.dump({'rank': os.environ['NODE_RANK']}, open('out/r.json', 'w'))\n")
+        (project / "task.yaml").write_text("name: hello\nnodes: 2\nrun: python hello.py\noutputs: out\n")
+        launched = run("launch", "task.yaml", "--run-id", "w1", "--down")
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        assert "fetched" in launched.stdout and "tearing down cluster wheel" in launched.stdout
+        assert json.loads((project / "runs" / "w1" / "outputs" / "r.json").read_text()) == {"rank": "0"}
+        assert json.loads((project / "runs" / "w1" / "outputs" / "node-1" / "r.json").read_text()) == {"rank": "1"}
+        assert not our_processes(state) and not (state / "cluster.json").exists()
+    finally:  # a failure before `--down` must not leave the nodes' sshd processes running
+        destroy_local_cluster(state)
 
 
 def test_the_cloud_path_from_a_wheel_uses_the_packaged_pulumi_project_from_any_folder(tmp_path):

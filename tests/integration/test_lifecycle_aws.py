@@ -242,14 +242,14 @@ def test_a_failed_up_then_down_leaves_nothing_of_the_cluster(aws, capsys, tmp_pa
     assert ours(session, cluster_id), "the failed up should have left resources behind for down to find"
     if point == "no-capacity-anywhere":
         assert "no capacity for 2 x p4d.24xlarge in any zone that offers it" in up.err
-        assert "`fab down --cluster demo` removes what this `up` created" in up.err
+        assert "`gpuforge down --cluster demo` removes what this `up` created" in up.err
     if point == "controller-killed":
         assert up.code == 130
         recorded = {r.id for r in engines.made[-1].recorded("demo")}
         orphan = live_instances(session, cluster_id)["demo-0"]
         assert orphan not in recorded  # only its tags can find it now
     resolve = gpuforge(capsys, "status", "--cluster", "demo")
-    assert resolve.code != 0 and "fab down --cluster demo" in resolve.err
+    assert resolve.code != 0 and "gpuforge down --cluster demo" in resolve.err
 
     down = gpuforge(capsys, "down", "--cluster", "demo")
 

@@ -114,7 +114,7 @@ def test_a_tensorflow_job_on_nodes_without_it_is_refused_before_it_starts(tmp_pa
     try:
         assert gpuforge(home, "setup", timeout=300).returncode == 0
         out = gpuforge(home, "train", "--job", "seed000-cnn-tf", "--run-id", "x")
-        assert out.returncode != 0 and "no TensorFlow in its environment; run `fab setup --tensorflow`" in out.stderr
+        assert out.returncode != 0 and "no TensorFlow in its environment; run `gpuforge setup --tensorflow`" in out.stderr
         assert not (home / "clusters" / "notf" / "runs" / "x.json").exists(), "nothing was started or recorded"
     finally:
         gpuforge(home, "down", "--cluster", "notf")

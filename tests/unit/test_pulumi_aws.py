@@ -535,7 +535,7 @@ def test_the_root_volume_goes_on_the_images_own_root_device(image, device):
         ({"gpuforge:forceDestroyBucket": "true"}, "gpuforge:forceDestroyBucket is no longer used"),
         ({"gpuforge:instanceTyp": "g5.xlarge"}, "unknown stack config key(s) gpuforge:instanceTyp; valid keys:"),
         ({"gpuforge:accelerator": "nvidia-tesla-t4:1"}, "applies only to GCP n1 machine types"),
-        ({"gpuforge:cloud": "local"}, "use `fab up`"),
+        ({"gpuforge:cloud": "local"}, "use `gpuforge up`"),
         ({"gpuforge:cloud": "azure"}, "cloud: Input should be 'local', 'aws' or 'gcp'"),
         ({"gpuforge:cloud": "gcp", "gpuforge:instanceType": "a2-highgpu-8g", "gpuforge:region": "us-central1"},
          "pulumi config set gcp:project"),
