@@ -60,6 +60,17 @@ def segments(unparsed: list[str], names: set[str]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(starts, [*starts[1:], len(unparsed)])]
 
 
+def help_first(argv: list[str], names: set[str]) -> list[str]:
+    """`gpuforge TASK ... --help` as `gpuforge --help TASK`: Invoke would fill a required positional argument with
+    the word `--help` (`sweep --help` ran the sweep with cloud '--help'), while `--help TASK` always prints the help."""
+    words = argv[1:]
+    words = words[: words.index("--")] if "--" in words else words
+    spans = segments(words, names)
+    if spans and any(w in ("--help", "-h") for w in words[spans[0][0] + 1 : spans[0][1]]):
+        return [argv[0], "--help", words[spans[0][0]]]
+    return argv
+
+
 def adopt_argv(core, argv: list[str], collection: Any = None) -> None:
     """The same rewrite for any Invoke program (`fab`, `gpuforge`): `core` is its parsed core context."""
     unparsed = core.unparsed

@@ -66,7 +66,8 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `gpuforge train --list | head` ends quietly, as a shell tool does
-    program().run(sys.argv)
+    prog = program()
+    prog.run(argv.help_first(sys.argv, set(prog.namespace.task_names)))
 
 
 if __name__ == "__main__":

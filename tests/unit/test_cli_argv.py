@@ -106,12 +106,13 @@ def test_number_flags_given_words_are_one_line(monkeypatch, program, words, mess
     assert info.value.message == message and info.value.code == 2
 
 
-@pytest.mark.parametrize("words", [["up", "--help"], ["--help", "up"], ["train", "--nodes", "1", "--help"]])
+@pytest.mark.parametrize("words", [["up", "--help"], ["--help", "up"], ["train", "--nodes", "1", "--help"],
+                                   ["sweep", "--help"], ["bake", "-h"]])
 def test_task_help_shows_every_options_text(words):
     """`gpuforge TASK --help` lists each option with its help (the number check once consumed the texts)."""
     import subprocess
 
     out = subprocess.run([sys.executable, "-m", "provision.cli.main", *words], capture_output=True, text=True)
     task = next(w for w in words if not w.startswith("-") and not w.isdigit())
-    expected = {"up": "number of nodes", "train": "processes per node"}[task]
+    expected = {"up": "number of nodes", "train": "processes per node", "sweep": "--purge", "bake": "--ssh-cidr"}[task]
     assert out.returncode == 0 and expected in out.stdout, out.stdout + out.stderr
