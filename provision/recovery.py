@@ -40,10 +40,11 @@ from workloads.control import follow_run, run_status, stop_run
 from workloads.launch import resume_spec, start_run
 from workloads.remote import on_nodes
 from workloads.runs import LOST, LaunchError, RunStatus, add_recovery, load_record, record_nodes
+from workloads.task import MAX_RECOVERY
 
 logger = logging.getLogger(__name__)
 
-MAX_RECOVER = 100  # --recover's ceiling: a run that needs more than this has a problem recovery does not solve
+MAX_RECOVER = MAX_RECOVERY  # --recover's ceiling, as a task's `recovery:` (workloads/task.py)
 HOST_WAIT_S = 600.0  # a machine of a hosts file that went away: how long to wait for it to answer SSH again
 CHECKPOINT = re.compile(r"^step-(\d+)/manifest\.json$")
 

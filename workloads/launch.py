@@ -141,15 +141,24 @@ def is_tensorflow_job(spec: RunSpec) -> bool:
     return apply_overrides(get_job(spec.job), spec.args).framework == "tensorflow"
 
 
+def metadata_override() -> tuple[str, str] | None:
+    """(cloud, URL) of METADATA_URL_ENV (`aws=URL` or `gcp=URL`: a stand-in of that cloud's metadata service), if set."""
+    override = os.environ.get(METADATA_URL_ENV, "")
+    if not override:
+        return None
+    cloud, _, url = override.partition("=")
+    if cloud not in ("aws", "gcp") or not url.startswith("http"):
+        raise ConfigError(f"{METADATA_URL_ENV}={override!r}: give aws=URL or gcp=URL")
+    return cloud, url
+
+
 def preemption_watch(cluster: ClusterInfo) -> dict[str, str] | None:
     """What each node's supervisor watches for a preemption notice (workloads/preempt.py): the cloud's metadata
     service on spot/preemptible nodes; METADATA_URL_ENV (`aws=URL` or `gcp=URL`) points it at a stand-in, read
     every second (the real AWS service every 5 s, as AWS advises)."""
-    override = os.environ.get(METADATA_URL_ENV, "")
+    override = metadata_override()
     if override:
-        cloud, _, url = override.partition("=")
-        if cloud not in ("aws", "gcp") or not url.startswith("http"):
-            raise ConfigError(f"{METADATA_URL_ENV}={override!r}: give aws=URL or gcp=URL")
+        cloud, url = override
         return {"cloud": cloud, "url": url, "poll_s": 1.0}
     if cluster.cloud in ("aws", "gcp") and cluster.extra.get("spot"):
         return {"cloud": cluster.cloud}

@@ -31,7 +31,7 @@ from workloads.errors import ConfigError
 
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}$")
 CLOUDS = ("local", "aws", "gcp")
-MAX_RECOVERY = 100  # as --recover's ceiling (provision/recovery.py MAX_RECOVER)
+MAX_RECOVERY = 100  # `recovery:` and --recover's ceiling: a run that needs more has a problem recovery does not solve
 DEFAULT_OUTPUTS_EVERY_S = 300.0  # "every few minutes": a lost node costs at most this much of its outputs
 
 

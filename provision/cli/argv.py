@@ -113,9 +113,14 @@ def adopt_run_word(unparsed: list[str], names: set[str] = TASK_NAMES, flag: str 
             return
 
 
-# Number flags whose valid values are a range, said when a word is given (as their own checks say it for a number);
-# 100 is provision/recovery.py MAX_RECOVER.
-NUMBER_RANGES = {"recover": " of recoveries from 0 to 100"}
+def number_range(name: str) -> str:
+    """What a number flag's valid values are, said when a word is given (as the flag's own check says it for a
+    number); looked up only then (workloads.task imports pydantic)."""
+    if name == "recover":
+        from workloads.task import MAX_RECOVERY
+
+        return f" of recoveries from 0 to {MAX_RECOVERY}"
+    return ""
 
 
 def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None:
@@ -132,7 +137,7 @@ def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None
                 for name in arg.names:
                     flag = ("--" if len(name) > 1 else "-") + name.replace("_", "-")
                     kinds[flag] = arg.kind
-                    ranges[flag] = NUMBER_RANGES.get(arg.name, "")
+                    ranges[flag] = arg.name
         words = unparsed[start + 1 : end]
         for i, word in enumerate(words):
             flag, eq, value = word.partition("=")
@@ -144,7 +149,7 @@ def check_numbers(unparsed: list[str], collection: Any, names: set[str]) -> None
                 kinds[flag](value)
             except ValueError:
                 what = "a whole number" if kinds[flag] is int else "a number"
-                raise Exit(f"error: {flag} expects {what}{ranges[flag]}; got {value!r}", code=2) from None
+                raise Exit(f"error: {flag} expects {what}{number_range(ranges[flag])}; got {value!r}", code=2) from None
 
 
 def remainder_command() -> str:

@@ -113,13 +113,13 @@ def self_delete_config() -> dict[str, Any]:
     """Autodown on GCP: the watcher deletes its own VM (provision/data/autostop_watch.py), at Google's endpoints or,
     when the controller points at stand-ins, at theirs."""
     from infra.gcp_api import ENDPOINT_ENV
-    from workloads.launch import METADATA_URL_ENV
+    from workloads.launch import metadata_override
 
     config: dict[str, Any] = {"self_delete": "gcp"}
     if os.environ.get(ENDPOINT_ENV):
         config["gcp_compute_url"] = os.environ[ENDPOINT_ENV].rstrip("/")
-    cloud, _, url = os.environ.get(METADATA_URL_ENV, "").partition("=")
-    if cloud == "gcp" and url.startswith("http"):
+    cloud, url = metadata_override() or ("", "")
+    if cloud == "gcp":
         config["gcp_metadata_url"] = url.rstrip("/")
     return config
 
